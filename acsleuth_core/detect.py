@@ -1,0 +1,373 @@
+"""Module I: the reconstruction GAN trained on the reference, and anomaly scoring of targets.
+
+:class:`AnomalyDetector` is the user-facing estimator. ``fit`` trains the
+generator (encoder → memory bank → decoder) and critic on reference cells only,
+keeping a share of them out of every fit for calibration. ``score`` turns a
+target's reconstruction residuals into anomaly probabilities with the
+MMD-trained predictor and makes the label-free call.
+
+Scoring a target, in order:
+1. per-batch input offsets: under the paper's model ``x = x* + b + ε`` a batch
+   effect ``b`` shows up as a residual shared by the batch's normal cells;
+   it is estimated from the batch's lower-scoring cells and removed (twice);
+2. residuals ``δ = x − x̂`` are divided by each gene's residual spread on the
+   reference, so no gene dominates because it is highly expressed;
+3. the predictor ``f_p`` is warm-started on the mean squared normalised
+   residual and trained with the MMD objective (eq. 12) on the target;
+4. the call is anchored on the held-out reference cells (see :mod:`threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from . import threshold as thr
+from .errors import ModelError
+from .mmd import PredictorConfig, fit_predictor, predict_logits
+from .nn.adversarial import AdversarialConfig, train_adversarial
+from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
+from .progress import CancelToken, ProgressCallback, check_cancel
+from .runtime import resolve_device, seed_everything
+
+WEIGHTS_FILE = "module1.pt"
+CONFIG_FILE = "detector.json"
+CALIBRATION_FILE = "calibration.npz"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Hyperparameters of module I and of the scoring that follows it."""
+
+    latent_dim: int = 256
+    hidden_dims: tuple[int, ...] = (512,)
+    memory_size: int = 512
+    temperature: Optional[float] = None
+    dropout: float = 0.1
+    epochs: Optional[int] = None
+    target_steps: int = 2000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    n_critic: int = 2
+    alpha: float = 1.0
+    beta: float = 0.05
+    gp_weight: float = 10.0
+    holdout_fraction: float = 0.2
+    batch_offsets: bool = False
+    residual_clip: float = 10.0
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def use_memory_bank(self) -> bool:
+        return self.memory_size > 0
+
+    def n_epochs(self, n_cells: int) -> int:
+        """``epochs`` when given, else enough passes for about ``target_steps`` mini-batches (20–400)."""
+        if self.epochs is not None:
+            return self.epochs
+        per_epoch = max(1, -(-n_cells // self.batch_size))
+        return int(np.clip(round(self.target_steps / per_epoch), 20, 400))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DetectorConfig":
+        data = dict(data)
+        data["hidden_dims"] = tuple(data["hidden_dims"])
+        data["predictor"] = PredictorConfig(**data["predictor"])
+        return cls(**data)
+
+
+@dataclass
+class DetectionResult:
+    """Per-cell outputs of scoring one target (rows in the target's order)."""
+
+    scores: np.ndarray
+    calls: np.ndarray
+    residual_norm: np.ndarray
+    latent: np.ndarray
+    batches: np.ndarray
+    threshold: thr.Threshold
+    reference_scores: np.ndarray
+    batch_offset_norms: dict[str, float]
+
+    def rethreshold(self, threshold: thr.Threshold) -> "DetectionResult":
+        """The same scores under another cut-off."""
+        self.threshold = threshold
+        self.calls = thr.call(self.scores, threshold)
+        return self
+
+
+class AnomalyDetector:
+    """Module I of ACsleuth: fit on normal reference cells, score target cells."""
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        self.config = config
+        self.genes: list[str] = []
+        self.generator: Optional[ReconstructionGenerator] = None
+        self.history: dict[str, list[float]] = {}
+        self._holdout: Optional[sp.csr_matrix] = None
+        self._gene_scale: Optional[np.ndarray] = None
+        self._reference_residual_mean: Optional[np.ndarray] = None
+
+    # ----------------------------------------------------------------- fitting
+    def fit(
+        self,
+        reference: sp.spmatrix | np.ndarray,
+        genes: list[str],
+        *,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> "AnomalyDetector":
+        """Train module I on log-normalised reference cells (cells × ``genes``)."""
+        cfg = self.config
+        X = _as_csr(reference)
+        if X.shape[1] != len(genes):
+            raise ValueError("the reference matrix and the gene list disagree in length")
+        generator_rng = seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        train_idx, holdout_idx = _split_holdout(X.shape[0], cfg.holdout_fraction, cfg.seed)
+        X_train = X[train_idx]
+        self.genes = list(genes)
+        self.generator = ReconstructionGenerator(
+            len(genes),
+            hidden_dims=cfg.hidden_dims,
+            latent_dim=cfg.latent_dim,
+            memory_size=cfg.memory_size,
+            temperature=cfg.temperature,
+            dropout=cfg.dropout,
+        ).to(device)
+        critic = critic_network(len(genes)).to(device)
+        adversarial = AdversarialConfig(
+            epochs=cfg.n_epochs(X_train.shape[0]),
+            learning_rate=cfg.learning_rate,
+            critic_learning_rate=cfg.learning_rate,
+            n_critic=cfg.n_critic,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gp_weight=cfg.gp_weight,
+        )
+        batch_size = min(cfg.batch_size, X_train.shape[0])
+
+        def epoch_batches() -> Iterator[torch.Tensor]:
+            order = torch.randperm(X_train.shape[0], generator=generator_rng).numpy()
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                if len(rows) > 1:
+                    yield _dense(X_train[rows], device)
+
+        self.history = train_adversarial(
+            ReconstructionTask(self.generator, critic),
+            epoch_batches,
+            adversarial,
+            stage="module I",
+            progress=progress,
+            cancel=cancel,
+        )
+        self.generator.cpu()
+        train_residuals = np.vstack([d for _, d, _ in self._residual_batches(X_train, None)])
+        self._gene_scale = _robust_gene_scale(train_residuals)
+        self._reference_residual_mean = train_residuals.mean(axis=0)
+        self._holdout = X[holdout_idx]
+        return self
+
+    # ----------------------------------------------------------------- scoring
+    def score(
+        self,
+        target: sp.spmatrix | np.ndarray,
+        batches: Optional[np.ndarray] = None,
+        *,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> DetectionResult:
+        """Anomaly probabilities, calls, residual norms and latents for target cells."""
+        self._require_fitted()
+        cfg = self.config
+        X = _as_csr(target)
+        if X.shape[1] != len(self.genes):
+            raise ModelError(
+                f"The target has {X.shape[1]} genes but the model was trained on {len(self.genes)}; "
+                "prepare the target with the model's gene list."
+            )
+        batches = np.asarray(batches if batches is not None else np.full(X.shape[0], "target"), dtype=str)
+        generator_rng = seed_everything(cfg.seed + 1)
+        offsets = self._estimate_batch_offsets(X, batches, cancel) if cfg.batch_offsets else {}
+        row_offsets = _row_offsets(batches, offsets, X.shape[1])
+        features, residual_norm, latent = self._features(X, row_offsets, cancel)
+        holdout_features, _, _ = self._features(self._holdout, None, cancel)
+        base = _mean_square(features)
+        base_holdout = _mean_square(holdout_features)
+        warm = thr.fit_anchored_mixture(np.log(base), np.log(base_holdout)).posterior(np.log(base))
+        predictor = fit_predictor(
+            features, warm, cfg.predictor, generator=generator_rng, progress=progress, cancel=cancel
+        )
+        scores = thr.expit(predict_logits(predictor, features))
+        reference_scores = thr.expit(predict_logits(predictor, holdout_features))
+        threshold = thr.label_free_threshold(scores, reference_scores)
+        return DetectionResult(
+            scores=scores,
+            calls=thr.call(scores, threshold),
+            residual_norm=residual_norm,
+            latent=latent,
+            batches=batches,
+            threshold=threshold,
+            reference_scores=reference_scores,
+            batch_offset_norms={b: float(np.linalg.norm(v)) for b, v in offsets.items()},
+        )
+
+    def _estimate_batch_offsets(
+        self, X: sp.csr_matrix, batches: np.ndarray, cancel: Optional[CancelToken], rounds: int = 2, share: float = 0.4
+    ) -> dict[str, np.ndarray]:
+        """Per-batch shift in input space, from the residuals of each batch's most normal-looking cells."""
+        offsets = {b: np.zeros(X.shape[1], dtype=np.float32) for b in np.unique(batches)}
+        for _ in range(rounds):
+            for b in offsets:
+                rows = np.nonzero(batches == b)[0]
+                residuals = np.vstack(
+                    [d for _, d, _ in self._residual_batches(X[rows], offsets[b][None, :], cancel)]
+                )
+                base = _mean_square(residuals / self._gene_scale)
+                quiet = base <= np.quantile(base, share)
+                offsets[b] = offsets[b] + residuals[quiet].mean(axis=0) - self._reference_residual_mean
+        return offsets
+
+    def _features(
+        self, X: sp.csr_matrix, row_offsets: Optional[np.ndarray], cancel: Optional[CancelToken]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalised, clipped residuals; raw residual norms; latents."""
+        clip = self.config.residual_clip
+        features = np.empty(X.shape, dtype=np.float32)
+        norms = np.empty(X.shape[0], dtype=np.float64)
+        latent = np.empty((X.shape[0], self.config.latent_dim), dtype=np.float32)
+        for rows, residual, z in self._residual_batches(X, row_offsets, cancel):
+            features[rows] = np.clip(residual / self._gene_scale, -clip, clip)
+            norms[rows] = np.linalg.norm(residual, axis=1)
+            latent[rows] = z
+        return features, norms, latent
+
+    @torch.no_grad()
+    def _residual_batches(
+        self,
+        X: sp.csr_matrix,
+        row_offsets: Optional[np.ndarray],
+        cancel: Optional[CancelToken] = None,
+        batch_size: int = 2048,
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield ``(rows, x − offset − x̂, latent)`` in row order, batch by batch."""
+        self.generator.eval()
+        for start in range(0, X.shape[0], batch_size):
+            check_cancel(cancel)
+            rows = slice(start, min(start + batch_size, X.shape[0]))
+            x = X[rows].toarray().astype(np.float32)
+            if row_offsets is not None:
+                x = x - (row_offsets[rows] if row_offsets.shape[0] == X.shape[0] else row_offsets)
+            out = self.generator(torch.from_numpy(x))
+            yield rows, x - out.expression.numpy(), out.latent.numpy()
+
+    @torch.no_grad()
+    def encode(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
+        """Module-I latent vectors of cells on the model's genes."""
+        self._require_fitted()
+        return np.vstack([z for _, _, z in self._residual_batches(_as_csr(X), None)])
+
+    # ------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> Path:
+        """Write weights, hyperparameters + genes (JSON) and calibration arrays into ``folder``."""
+        self._require_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.generator.state_dict(), folder / WEIGHTS_FILE)
+        meta = {"config": self.config.to_json(), "genes": self.genes, "history": self.history}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        h = self._holdout
+        np.savez_compressed(
+            folder / CALIBRATION_FILE,
+            holdout_data=h.data,
+            holdout_indices=h.indices,
+            holdout_indptr=h.indptr,
+            holdout_shape=np.array(h.shape),
+            gene_scale=self._gene_scale,
+            reference_residual_mean=self._reference_residual_mean,
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AnomalyDetector":
+        """Load a detector written by :meth:`save` (weights with ``weights_only=True``)."""
+        folder = Path(folder)
+        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, CALIBRATION_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise ModelError(f"{folder} is not a saved ACsleuth model: missing {', '.join(missing)}.")
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        detector = cls(DetectorConfig.from_json(meta["config"]))
+        cfg = detector.config
+        detector.genes = list(meta["genes"])
+        detector.history = meta.get("history", {})
+        detector.generator = ReconstructionGenerator(
+            len(detector.genes),
+            hidden_dims=cfg.hidden_dims,
+            latent_dim=cfg.latent_dim,
+            memory_size=cfg.memory_size,
+            temperature=cfg.temperature,
+            dropout=cfg.dropout,
+        )
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        detector.generator.load_state_dict(state)
+        detector.generator.eval()
+        with np.load(folder / CALIBRATION_FILE, allow_pickle=False) as cal:
+            detector._holdout = sp.csr_matrix(
+                (cal["holdout_data"], cal["holdout_indices"], cal["holdout_indptr"]), shape=tuple(cal["holdout_shape"])
+            )
+            detector._gene_scale = cal["gene_scale"]
+            detector._reference_residual_mean = cal["reference_residual_mean"]
+        return detector
+
+    def _require_fitted(self) -> None:
+        if self.generator is None:
+            raise ModelError("The detector has not been trained yet: call fit() or load a saved model.")
+
+
+def _as_csr(X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    return sp.csr_matrix(X, dtype=np.float32)
+
+
+def _dense(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(X.toarray().astype(np.float32)).to(device)
+
+
+def _split_holdout(n_cells: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train / held-out split of reference cells; at least 10 held out and 10 to train on."""
+    if n_cells < 20:
+        raise ModelError(f"The reference has {n_cells} cells; ACsleuth needs at least 20 normal reference cells.")
+    n_holdout = int(np.clip(round(n_cells * fraction), 10, n_cells - 10))
+    order = np.random.default_rng(seed).permutation(n_cells)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def _robust_gene_scale(residuals: np.ndarray) -> np.ndarray:
+    """Each gene's residual spread on the reference (RMS), floored at the 10th percentile across genes."""
+    scale = np.sqrt((residuals.astype(np.float64) ** 2).mean(axis=0))
+    floor = max(float(np.quantile(scale, 0.1)), 1e-3)
+    return np.maximum(scale, floor).astype(np.float32)
+
+
+def _row_offsets(batches: np.ndarray, offsets: dict[str, np.ndarray], n_genes: int) -> Optional[np.ndarray]:
+    if not offsets:
+        return None
+    out = np.zeros((batches.size, n_genes), dtype=np.float32)
+    for b, v in offsets.items():
+        out[batches == b] = v
+    return out
+
+
+def _mean_square(features: np.ndarray) -> np.ndarray:
+    return np.maximum((features.astype(np.float64) ** 2).mean(axis=1), 1e-12)

@@ -1,0 +1,49 @@
+"""Typed errors raised at the boundary that can explain them.
+
+Every message says what is wrong and what to do about it, in words a
+biologist can act on; the app shows the message, never a traceback.
+"""
+
+
+class ACsleuthError(Exception):
+    """Base class for every error ACsleuth raises on purpose."""
+
+
+class InputError(ACsleuthError, ValueError):
+    """The data given to ACsleuth cannot be used as it is."""
+
+
+class FileFormatError(InputError):
+    """A file could not be read: wrong format, wrong extension, corrupt."""
+
+
+class FileTooLargeError(InputError):
+    """A file is larger than the configured limit."""
+
+
+class EmptyDataError(InputError):
+    """A data set has no cells or no genes, or too few to work with."""
+
+
+class DuplicateNamesError(InputError):
+    """Cell or gene names are not unique."""
+
+
+class NonFiniteValuesError(InputError):
+    """The expression matrix holds NaN or infinite values."""
+
+
+class ValueKindError(InputError):
+    """The values are not what was declared (raw counts vs log-normalised), or are neither."""
+
+
+class GeneOverlapError(InputError):
+    """Reference and target share too few genes."""
+
+
+class ModelError(ACsleuthError):
+    """A saved model is missing, incomplete or does not fit the data."""
+
+
+class Cancelled(ACsleuthError):
+    """Work was cancelled by the user."""

@@ -1,0 +1,375 @@
+"""Read cell × gene data from disk and check it is usable.
+
+Readers never unpickle anything: AnnData ``.h5ad`` and 10x ``.h5`` files
+are read as HDF5, 10x matrix folders and text tables as text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from scipy import io as spio
+from scipy import sparse
+
+from .errors import (
+    ACsleuthError,
+    DuplicateNamesError,
+    EmptyDataError,
+    FileFormatError,
+    FileTooLargeError,
+    InputError,
+    NonFiniteValuesError,
+)
+
+ACCEPTED_FORMATS = (
+    "an AnnData file (.h5ad), a 10x Cell Ranger HDF5 file (.h5), a 10x matrix folder "
+    "(matrix.mtx[.gz] with features.tsv[.gz] or genes.tsv[.gz] and barcodes.tsv[.gz]), "
+    "or a table with cells as rows and genes as columns (.csv, .tsv or .txt, optionally .gz)"
+)
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+MAX_EXAMPLES = 5
+TABLE_CHUNK_ROWS = 5_000
+
+
+def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.AnnData:
+    """Read a cell × gene file or 10x folder into a validated AnnData.
+
+    ``X`` is CSR float32; cell and gene names are unique (duplicate gene
+    symbols in 10x data are made unique, as Cell Ranger users expect).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"'{path.name}' was not found (looked for {path}): check the path and spelling."
+        )
+    kind = _file_kind(path)
+    _check_size(path, kind, max_bytes)
+    adata = _read_kind(path, kind)
+    validate_matrix(adata, name=path.name)
+    adata.X = as_csr32(adata.X)
+    return adata
+
+
+def validate_matrix(adata: ad.AnnData, *, name: str) -> None:
+    """Raise a typed error if ``adata`` is empty, has one cell, non-finite values or duplicate names."""
+    _check_shape(adata, name)
+    _check_numeric(adata.X, name)
+    _check_unique(adata.obs_names, name, what="cell")
+    _check_unique(adata.var_names, name, what="gene")
+    _check_finite(adata.X, name)
+
+
+def check_server_path(text: str, *, allowed_roots: list[Path] | None = None) -> Path:
+    """Turn a path typed into the app into a resolved, readable data file or 10x folder."""
+    cleaned = text.strip().strip("'\"").strip()
+    if not cleaned:
+        raise InputError("No path was given: type the full path of a data file on the server.")
+    path = Path(cleaned).expanduser().resolve()
+    _check_under_roots(path, allowed_roots)
+    if not path.exists():
+        raise InputError(
+            f"Nothing exists at '{path}' on the server: check the spelling. The path is on the "
+            "machine running ACsleuth, not on your own computer; upload the file instead if it "
+            "is only on yours."
+        )
+    if not (path.is_file() or path.is_dir()):
+        raise InputError(f"'{path}' is not a regular file or folder: give a data file or 10x folder.")
+    if not os.access(path, os.R_OK):
+        raise InputError(
+            f"'{path}' exists but the server cannot read it: ask whoever runs ACsleuth to make "
+            "it readable, or upload the file."
+        )
+    _file_kind(path)
+    return path
+
+
+def as_csr32(X) -> sparse.csr_matrix:
+    """Return ``X`` as a new CSR float32 matrix (never the object passed in)."""
+    return sparse.csr_matrix(X, dtype=np.float32, copy=True)
+
+
+def _file_kind(path: Path) -> str:
+    if path.is_dir():
+        _mtx_files(path)
+        return "10x_mtx"
+    name = path.name.lower()
+    if name.endswith(".h5ad"):
+        return "h5ad"
+    if name.endswith((".h5", ".hdf5")):
+        return "10x_h5"
+    if name.removesuffix(".gz").endswith(".mtx"):
+        return "10x_mtx"
+    if name.removesuffix(".gz").endswith(TABLE_SUFFIXES):
+        return "table"
+    raise FileFormatError(
+        f"'{path.name}' is not a format ACsleuth reads. Accepted: {ACCEPTED_FORMATS}. "
+        "Convert the data to one of these (a Seurat .rds can be converted to .h5ad with "
+        "SeuratDisk or zellkonverter)."
+    )
+
+
+def _mtx_files(path: Path) -> dict[str, Path]:
+    """The matrix, features and barcodes files of a 10x folder or of its given matrix file.
+
+    File names may carry a sample prefix (``GSM123_matrix.mtx.gz``), as on GEO.
+    """
+    folder, matrix = (path.parent, path) if path.is_file() else (path, _only_matrix(path))
+    prefix = matrix.name.removesuffix(".gz").removesuffix("matrix.mtx")
+    files = {"matrix": matrix}
+    for role, stems in (("features", ("features", "genes")), ("barcodes", ("barcodes",))):
+        candidates = [folder / f"{prefix}{stem}.tsv{gz}" for stem in stems for gz in (".gz", "")]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            wanted = " or ".join(f"{prefix}{stem}.tsv[.gz]" for stem in stems)
+            raise FileFormatError(
+                f"The 10x folder '{folder.name}' has {matrix.name} but no {wanted}: "
+                "copy the missing file from the Cell Ranger output next to the matrix."
+            )
+        files[role] = found[0]
+    return files
+
+
+def _only_matrix(folder: Path) -> Path:
+    matrices = sorted(p for p in folder.iterdir() if p.name.endswith(("matrix.mtx", "matrix.mtx.gz")))
+    if not matrices:
+        raise FileFormatError(
+            f"The folder '{folder.name}' holds no matrix.mtx or matrix.mtx.gz, so it is not a 10x "
+            f"matrix folder. Accepted: {ACCEPTED_FORMATS}."
+        )
+    if len(matrices) > 1:
+        names = ", ".join(p.name for p in matrices)
+        raise FileFormatError(
+            f"The folder '{folder.name}' holds several matrices ({names}): give the path of one "
+            "matrix file, or put each sample's files in a folder of its own."
+        )
+    return matrices[0]
+
+
+def _check_size(path: Path, kind: str, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    files = _mtx_files(path).values() if kind == "10x_mtx" else [path]
+    size = sum(p.stat().st_size for p in files)
+    if size > max_bytes:
+        raise FileTooLargeError(
+            f"'{path.name}' is {_human_size(size)}, more than the limit of "
+            f"{_human_size(max_bytes)}. Give a big file as a path on the server instead of "
+            "uploading it, or raise the file-size limit setting."
+        )
+
+
+def _human_size(n_bytes: int) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:,} bytes"
+    size = n_bytes / 1024
+    for unit in ("KB", "MB"):
+        if size < 1024:
+            return f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"
+
+
+def _read_kind(path: Path, kind: str) -> ad.AnnData:
+    readers = {"h5ad": ad.read_h5ad, "10x_h5": _read_10x_h5, "10x_mtx": _read_10x_mtx, "table": _read_table}
+    try:
+        with warnings.catch_warnings():
+            # duplicates are made unique (10x) or reported by validate_matrix
+            warnings.filterwarnings("ignore", message=".* names are not unique")
+            return readers[kind](path)
+    except (ACsleuthError, MemoryError):
+        raise
+    except Exception as err:  # any reader failure means the file cannot be used as given
+        raise FileFormatError(
+            f"'{path.name}' could not be read ({type(err).__name__}: {err}). The file may be "
+            "corrupt, cut short by an interrupted upload or download, or not really in the "
+            "format its name says: check it, or export it again."
+        ) from err
+
+
+def _read_10x_h5(path: Path) -> ad.AnnData:
+    if _is_anndata_h5(path):
+        return ad.read_h5ad(path)
+    adata = sc.read_10x_h5(path)
+    adata.var_names_make_unique()
+    return adata
+
+
+def _is_anndata_h5(path: Path) -> bool:
+    """An AnnData file saved with an ``.h5`` name rather than a 10x file."""
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("encoding-type") == "anndata" or {"X", "obs", "var"} <= set(f.keys())
+
+
+def _read_10x_mtx(path: Path) -> ad.AnnData:
+    files = _mtx_files(path)
+    matrix = sparse.csr_matrix(spio.mmread(files["matrix"]).T)
+    features = pd.read_csv(files["features"], sep="\t", header=None, dtype=str)
+    barcodes = pd.read_csv(files["barcodes"], sep="\t", header=None, dtype=str)
+    var = pd.DataFrame({"gene_ids": features[0].to_numpy()})
+    var.index = features[1 if features.shape[1] > 1 else 0].to_numpy()
+    adata = ad.AnnData(matrix, obs=pd.DataFrame(index=barcodes[0].to_numpy()), var=var)
+    if features.shape[1] > 2:
+        adata = _gene_expression_only(adata, features[2].to_numpy())
+    adata.var_names_make_unique()
+    return adata
+
+
+def _gene_expression_only(adata: ad.AnnData, feature_types: np.ndarray) -> ad.AnnData:
+    """Drop antibody, CRISPR and other non-RNA features when RNA features are present."""
+    is_rna = feature_types == "Gene Expression"
+    return adata[:, is_rna].copy() if is_rna.any() else adata
+
+
+def _read_table(path: Path) -> ad.AnnData:
+    sep = _delimiter(_first_line(path))
+    header = _table_header(path, sep)
+    blocks, cells, genes = [], [], []
+    for chunk in _table_chunks(path, sep):
+        genes = genes or _gene_names(header, chunk.shape[1], path.name)
+        _check_table_numeric(chunk, genes, path.name)
+        blocks.append(sparse.csr_matrix(chunk.to_numpy(dtype=np.float32)))
+        cells.append(chunk.index.astype(str).to_numpy())
+    if not blocks:
+        raise _no_cells_error(path.name)
+    obs = pd.DataFrame(index=np.concatenate(cells))
+    return ad.AnnData(sparse.vstack(blocks, format="csr"), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def _first_line(path: Path) -> str:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        return handle.readline()
+
+
+def _delimiter(line: str) -> str:
+    if "\t" in line:
+        return "\t"
+    return "," if "," in line else r"\s+"
+
+
+def _table_header(path: Path, sep: str) -> list[str]:
+    try:
+        first = pd.read_csv(
+            path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False,
+            encoding="utf-8-sig",
+        )
+    except pd.errors.EmptyDataError as err:
+        raise _no_cells_error(path.name) from err
+    return first.iloc[0].tolist()
+
+
+def _table_chunks(path: Path, sep: str):
+    """Rows below the header, a chunk at a time; nothing at all for a header-only file."""
+    try:
+        yield from pd.read_csv(
+            path, sep=sep, header=None, skiprows=1, index_col=0,
+            chunksize=TABLE_CHUNK_ROWS, encoding="utf-8-sig",
+        )
+    except pd.errors.EmptyDataError:
+        return
+
+
+def _no_cells_error(file_name: str) -> EmptyDataError:
+    return EmptyDataError(
+        f"'{file_name}' has no cells: the table is empty or has only a header row. "
+        "Put one cell per row below a header row of gene names."
+    )
+
+
+def _check_table_numeric(chunk: pd.DataFrame, genes: list[str], file_name: str) -> None:
+    for position, (_, values) in enumerate(chunk.items()):
+        if pd.api.types.is_numeric_dtype(values):
+            continue
+        bad = values[pd.to_numeric(values, errors="coerce").isna() & values.notna()]
+        raise FileFormatError(
+            f"'{file_name}' holds values that are not numbers (e.g. '{bad.iloc[0]}' for gene "
+            f"'{genes[position]}' in row '{bad.index[0]}'). ACsleuth reads a table with one cell "
+            "per row, cell names in the first column, gene names in the header row and numbers "
+            "everywhere else: remove annotation columns (e.g. cell type) and check the table is "
+            "not transposed."
+        )
+
+
+def _gene_names(header: list[str], n_genes: int, file_name: str) -> list[str]:
+    """Gene names from the header, which may or may not name the cell-name column."""
+    if len(header) == n_genes + 1:
+        return header[1:]
+    if len(header) == n_genes:
+        return header
+    raise FileFormatError(
+        f"'{file_name}' has {len(header):,} names in its header row but {n_genes:,} values per "
+        "cell: every column of numbers needs a gene name in the header."
+    )
+
+
+def _check_shape(adata: ad.AnnData, name: str) -> None:
+    if adata.X is None:
+        raise EmptyDataError(
+            f"'{name}' has no expression matrix in X: store the expression there before "
+            "saving (e.g. adata.X = adata.layers['counts'])."
+        )
+    n_cells, n_genes = adata.shape
+    if n_cells == 0 or n_genes == 0:
+        raise EmptyDataError(
+            f"'{name}' has {n_cells:,} cells and {n_genes:,} genes: ACsleuth needs a non-empty "
+            "cell × gene matrix. Check the right file or layer was given."
+        )
+    if n_cells == 1:
+        raise EmptyDataError(
+            f"'{name}' has only one cell: ACsleuth needs at least two cells (in practice "
+            "hundreds). Check the table is not transposed (cells must be rows)."
+        )
+
+
+def _check_numeric(X, name: str) -> None:
+    if np.dtype(X.dtype).kind not in "biuf":
+        raise InputError(
+            f"'{name}' holds {X.dtype} values, not numbers: ACsleuth needs a numeric expression matrix."
+        )
+
+
+def _check_unique(names: pd.Index, name: str, *, what: str) -> None:
+    if names.is_unique:
+        return
+    duplicated = names[names.duplicated()].unique()
+    examples = ", ".join(f"'{n}'" for n in duplicated[:MAX_EXAMPLES])
+    fix = "obs_names_make_unique()" if what == "cell" else "var_names_make_unique()"
+    raise DuplicateNamesError(
+        f"'{name}' has {len(duplicated):,} {what} names used more than once (e.g. {examples}). "
+        f"Make the {what} names unique: fix the file, or call adata.{fix} before passing the data."
+    )
+
+
+def _check_finite(X, name: str) -> None:
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.dtype.kind != "f":
+        return
+    n_nan = int(np.isnan(values).sum())
+    n_inf = int(np.isinf(values).sum())
+    if n_nan or n_inf:
+        raise NonFiniteValuesError(
+            f"'{name}' holds {n_nan:,} NaN (missing) and {n_inf:,} infinite values: ACsleuth "
+            "needs a finite number for every cell and gene. Fill missing values (with 0 if they "
+            "mean 'not detected') or remove the affected cells or genes."
+        )
+
+
+def _check_under_roots(path: Path, allowed_roots: list[Path] | None) -> None:
+    """``path`` is already resolved, so a symlink pointing out of the roots fails here too."""
+    if allowed_roots is None:
+        return
+    roots = [Path(root).expanduser().resolve() for root in allowed_roots]
+    if not any(path.is_relative_to(root) for root in roots):
+        listed = ", ".join(str(root) for root in roots)
+        raise InputError(
+            f"'{path}' lies outside the folders ACsleuth may read on this server ({listed}): "
+            "copy the data into one of them, or ask whoever runs ACsleuth to allow its folder."
+        )

@@ -1,0 +1,18 @@
+"""Every AnnData key ACsleuth writes, named in one place.
+
+The README's "Results in AnnData" table documents each of these. Code that
+reads or writes a result imports the name from here, never spells it out.
+"""
+
+#: ``obs``: anomaly score per cell, float, higher means more anomalous.
+SCORE = "acsleuth_score"
+#: ``obs``: the binary anomaly call, bool.
+ANOMALY = "acsleuth_anomaly"
+#: ``obs``: the batch/sample each target cell was treated as.
+BATCH = "acsleuth_batch"
+#: ``obs``: plain reconstruction-residual norm (diagnostic, reported beside the score).
+RESIDUAL_NORM = "acsleuth_residual_norm"
+#: ``obsm``: module-I latent embedding.
+LATENT = "X_acsleuth"
+#: ``uns``: parameters, threshold, training curves and versions.
+UNS = "acsleuth"

@@ -1,0 +1,134 @@
+"""The one WGAN-GP training loop shared by the ACsleuth GANs (modules I and III).
+
+A module describes itself as an :class:`AdversarialTask`; :func:`train_adversarial`
+alternates ``n_critic`` critic steps with one generator step, reports progress
+once per epoch and stops cooperatively when cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from ..progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """Loss weights and optimiser settings: ``α·L_rec − β·E[D(fake)]`` for the generator,
+    ``E[D(fake)] − E[D(real)] + λ·GP`` for the critic."""
+
+    epochs: int = 100
+    learning_rate: float = 2e-4
+    critic_learning_rate: float = 2e-4
+    n_critic: int = 2
+    alpha: float = 1.0
+    beta: float = 0.05
+    gp_weight: float = 10.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class GeneratorOutput:
+    """What one generator forward pass produced for a mini-batch."""
+
+    real: torch.Tensor
+    fake: torch.Tensor
+    reconstruction_loss: torch.Tensor
+
+
+class AdversarialTask(Protocol):
+    """The parts of a GAN the shared loop needs."""
+
+    generator: nn.Module
+    critic: nn.Module
+
+    def generate(self, batch: torch.Tensor) -> GeneratorOutput: ...
+
+    def after_generator_step(self, output: GeneratorOutput) -> None: ...
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP penalty ``E[(‖∇D(x̃)‖₂ − 1)²]`` on random interpolates of real and fake rows."""
+    eps = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    scores = critic(mixed)
+    (grads,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    return ((grads.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def train_adversarial(
+    task: AdversarialTask,
+    epoch_batches: Callable[[], Iterable[torch.Tensor]],
+    config: AdversarialConfig,
+    *,
+    stage: str,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> dict[str, list[float]]:
+    """Train ``task`` for ``config.epochs`` passes over ``epoch_batches()``.
+
+    Returns per-epoch mean losses: ``reconstruction``, ``generator``, ``critic``
+    and ``wasserstein`` (the critic's estimate ``E[D(real)] − E[D(fake)]``).
+    """
+    opt_g = torch.optim.Adam(
+        task.generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay
+    )
+    opt_d = torch.optim.Adam(task.critic.parameters(), lr=config.critic_learning_rate, betas=(0.5, 0.9))
+    history: dict[str, list[float]] = {"reconstruction": [], "generator": [], "critic": [], "wasserstein": []}
+    task.generator.train()
+    task.critic.train()
+    for epoch in range(1, config.epochs + 1):
+        sums = dict.fromkeys(history, 0.0)
+        counts = dict.fromkeys(history, 0)
+        n_cells, started = 0, time.perf_counter()
+        for step, batch in enumerate(epoch_batches()):
+            check_cancel(cancel)
+            n_cells += batch.shape[0]
+            output = task.generate(batch)
+            critic_loss, distance = _critic_step(task.critic, opt_d, output, config.gp_weight)
+            _add(sums, counts, critic=critic_loss, wasserstein=distance, reconstruction=float(output.reconstruction_loss))
+            if step % config.n_critic == config.n_critic - 1:
+                generator_loss = config.alpha * output.reconstruction_loss - config.beta * task.critic(output.fake).mean()
+                opt_g.zero_grad(set_to_none=True)
+                generator_loss.backward()
+                opt_g.step()
+                task.after_generator_step(output)
+                _add(sums, counts, generator=float(generator_loss))
+        for key in history:
+            history[key].append(sums[key] / max(counts[key], 1))
+        if progress is not None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            progress(
+                ProgressEvent(
+                    stage=stage,
+                    epoch=epoch,
+                    n_epochs=config.epochs,
+                    losses={key: values[-1] for key, values in history.items()},
+                    cells_per_second=n_cells / elapsed,
+                )
+            )
+    task.generator.eval()
+    task.critic.eval()
+    return history
+
+
+def _critic_step(critic: nn.Module, optimiser: torch.optim.Optimizer, output: GeneratorOutput, gp_weight: float):
+    fake = output.fake.detach()
+    real_score = critic(output.real).mean()
+    fake_score = critic(fake).mean()
+    loss = fake_score - real_score + gp_weight * gradient_penalty(critic, output.real, fake)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss), float(real_score - fake_score)
+
+
+def _add(sums: dict, counts: dict, **values: float) -> None:
+    for key, value in values.items():
+        sums[key] += value
+        counts[key] += 1
