@@ -16,3 +16,5 @@ RESIDUAL_NORM = "acsleuth_residual_norm"
 LATENT = "X_acsleuth"
 #: ``uns``: parameters, threshold, training curves and versions.
 UNS = "acsleuth"
+#: ``uns`` of a normalised AnnData: the kind of values it was given, "counts" or "log".
+INPUT_KIND = "acsleuth_input_kind"

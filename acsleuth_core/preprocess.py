@@ -18,11 +18,12 @@ import pandas as pd
 import scanpy as sc
 from scipy import sparse
 
+from . import keys
 from .errors import DuplicateNamesError, EmptyDataError, GeneOverlapError, InputError, ValueKindError
 from .io import as_csr32, validate_matrix
 
-#: ``uns`` of a normalised AnnData: the kind of values it was given, "counts" or "log".
-INPUT_KIND_KEY = "acsleuth_input_kind"
+
+INPUT_KIND_KEY = keys.INPUT_KIND
 DECLARED_KINDS = ("auto", "counts", "log")
 TARGET_SUM = 1e4
 LOG_MAX = 50.0

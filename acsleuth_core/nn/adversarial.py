@@ -125,7 +125,7 @@ def _critic_step(critic: nn.Module, optimiser: torch.optim.Optimizer, output: Ge
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
-    return float(loss), float(real_score - fake_score)
+    return loss.item(), (real_score - fake_score).item()
 
 
 def _add(sums: dict, counts: dict, **values: float) -> None:

@@ -1,0 +1,164 @@
+"""The whole ACsleuth flow over AnnData: what the CLI and the app both call.
+
+``detect_anomalies`` prepares the inputs, trains module I on the reference,
+scores the targets and returns a new annotated target AnnData; the inputs
+are never modified. ``call_anomalies`` re-draws the calls on an annotated
+AnnData with another threshold rule, without retraining.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Mapping, Optional
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import keys
+from . import threshold as thr
+from .detect import AnomalyDetector, DetectionResult, DetectorConfig
+from .errors import InputError
+from .preprocess import PreparedData, prepare
+from .progress import CancelToken, ProgressCallback
+
+
+@dataclass
+class DetectionRun:
+    """What one detection run produced: the annotated target, the model and the prepared data."""
+
+    adata: ad.AnnData
+    detector: AnomalyDetector
+    prepared: PreparedData
+
+
+def detect_anomalies(
+    reference: ad.AnnData,
+    targets: Mapping[str, ad.AnnData] | ad.AnnData,
+    *,
+    batch_key: Optional[str] = None,
+    n_hvg: int | str = 3000,
+    declared: str = "auto",
+    config: DetectorConfig = DetectorConfig(),
+    detector: Optional[AnomalyDetector] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> DetectionRun:
+    """Train module I on ``reference`` (or use a trained ``detector``) and score ``targets``.
+
+    Returns the targets stacked into one new AnnData (original values, genes
+    shared by all targets) annotated with ``obs[keys.SCORE]``,
+    ``obs[keys.ANOMALY]``, ``obs[keys.BATCH]``, ``obs[keys.RESIDUAL_NORM]``,
+    ``obsm[keys.LATENT]`` and ``uns[keys.UNS]``.
+    """
+    prepared = prepare(reference, targets, batch_key=batch_key, n_hvg=n_hvg, declared=declared)
+    if detector is None:
+        detector = AnomalyDetector(config).fit(
+            prepared.reference.X, prepared.genes, progress=progress, cancel=cancel
+        )
+    else:
+        prepared = _restrict_to_model_genes(prepared, detector)
+    result = detector.score(prepared.target.X, prepared.batches, progress=progress, cancel=cancel)
+    annotated = _stack_original(targets, prepared)
+    annotate(annotated, result, detector, prepared)
+    return DetectionRun(annotated, detector, prepared)
+
+
+def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetector, prepared: PreparedData) -> None:
+    """Write a detection result into ``adata`` under the documented keys."""
+    adata.obs[keys.BATCH] = pd.Categorical(result.batches)
+    adata.obs[keys.SCORE] = result.scores
+    adata.obs[keys.ANOMALY] = result.calls
+    adata.obs[keys.RESIDUAL_NORM] = result.residual_norm
+    adata.obsm[keys.LATENT] = result.latent
+    adata.uns[keys.UNS] = {
+        "params": _h5ad_safe(detector.config.to_json()),
+        "threshold": _h5ad_safe(result.threshold.as_dict()),
+        "reference_scores": np.asarray(result.reference_scores, dtype=np.float64),
+        "calls_per_batch": calls_per_batch(adata),
+        "history": {k: np.asarray(v, dtype=np.float64) for k, v in detector.history.items()},
+        "genes": {"n_model_genes": len(detector.genes), "matching": prepared.gene_report.summary()},
+        "input_kinds": dict(prepared.input_kinds),
+        "batch_offset_norms": dict(result.batch_offset_norms),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optional[float] = None) -> thr.Threshold:
+    """Re-draw ``obs[keys.ANOMALY]`` on an annotated AnnData with another rule; returns the threshold.
+
+    ``method``: ``label_free`` (default rule), ``fraction`` (``value`` = expected
+    anomaly fraction) or ``manual`` (``value`` = score cut-off).
+    """
+    if keys.SCORE not in adata.obs or keys.UNS not in adata.uns:
+        raise InputError("This AnnData has no ACsleuth scores yet: run the detector first.")
+    scores = adata.obs[keys.SCORE].to_numpy()
+    if method == "label_free":
+        threshold = thr.label_free_threshold(scores, adata.uns[keys.UNS]["reference_scores"])
+    elif method == "fraction":
+        threshold = thr.fraction_threshold(scores, _required(value, "an expected anomaly fraction"))
+    elif method == "manual":
+        threshold = thr.manual_threshold(_required(value, "a threshold"))
+    else:
+        raise ValueError(f"method must be one of {', '.join(thr.METHODS)}, not {method!r}")
+    adata.obs[keys.ANOMALY] = thr.call(scores, threshold)
+    adata.uns[keys.UNS]["threshold"] = _h5ad_safe(threshold.as_dict())
+    adata.uns[keys.UNS]["calls_per_batch"] = calls_per_batch(adata)
+    return threshold
+
+
+def calls_per_batch(adata: ad.AnnData) -> dict[str, int]:
+    """Number of cells called anomalous in each batch."""
+    calls = adata.obs[keys.ANOMALY].astype(bool)
+    return {str(b): int(n) for b, n in calls.groupby(adata.obs[keys.BATCH], observed=True).sum().items()}
+
+
+def versions() -> dict[str, str]:
+    """Versions of ACsleuth and the libraries that shape its results."""
+    out = {"python": platform.python_version()}
+    for package in ("acsleuth-studio", "torch", "scanpy", "anndata", "numpy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _restrict_to_model_genes(prepared: PreparedData, detector: AnomalyDetector) -> PreparedData:
+    missing = [g for g in detector.genes if g not in set(prepared.target.var_names)]
+    if missing:
+        raise InputError(
+            f"The saved model uses {len(detector.genes):,} genes and {len(missing):,} of them are not in the "
+            f"targets (e.g. {', '.join(missing[:3])}); score targets measured on the model's genes, or retrain."
+        )
+    prepared.target = prepared.target[:, detector.genes].copy()
+    prepared.genes = list(detector.genes)
+    return prepared
+
+
+def _stack_original(targets: Mapping[str, ad.AnnData] | ad.AnnData, prepared: PreparedData) -> ad.AnnData:
+    if isinstance(targets, ad.AnnData):
+        out = targets.copy()
+    else:
+        out = ad.concat(list(targets.values()), join="inner", merge="same")
+    out.obs_names = prepared.target.obs_names
+    return out
+
+
+def _required(value: Optional[float], what: str) -> float:
+    if value is None:
+        raise ValueError(f"this threshold rule needs {what}")
+    return float(value)
+
+
+def _h5ad_safe(value):
+    """Nested dicts/lists with ``None`` replaced by "auto", so ``uns`` writes to .h5ad."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_h5ad_safe(v) for v in value]
+    return "auto" if value is None else value
