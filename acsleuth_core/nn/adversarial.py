@@ -91,7 +91,7 @@ def train_adversarial(
             n_cells += batch.shape[0]
             output = task.generate(batch)
             critic_loss, distance = _critic_step(task.critic, opt_d, output, config.gp_weight)
-            _add(sums, counts, critic=critic_loss, wasserstein=distance, reconstruction=float(output.reconstruction_loss))
+            _add(sums, counts, critic=critic_loss, wasserstein=distance, reconstruction=output.reconstruction_loss.item())
             if step % config.n_critic == config.n_critic - 1:
                 generator_loss = config.alpha * output.reconstruction_loss - config.beta * task.critic(output.fake).mean()
                 opt_g.zero_grad(set_to_none=True)

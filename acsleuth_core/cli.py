@@ -1,0 +1,160 @@
+"""The ``acsleuth`` command line: the same core the app uses, from a shell.
+
+    acsleuth run --reference REF --target T1 [T2 ...] --out OUT.h5ad [options]
+    acsleuth demo --out FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import keys
+from .demo import load_demo
+from .detect import AnomalyDetector, DetectorConfig
+from .errors import ACsleuthError
+from .export import cell_table, write_h5ad, write_table
+from .io import read_cells
+from .pipeline import call_anomalies, detect_anomalies
+from .progress import ProgressEvent
+from .runtime import DEVICES
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``acsleuth`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ACsleuthError as error:
+        print(f"acsleuth: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("acsleuth: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acsleuth", description="Find anomalous cells in single-cell data (ACsleuth).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train on a reference of normal cells and score target cells")
+    run.add_argument("--reference", required=True, type=Path, help="normal reference cells (.h5ad, 10x .h5 or folder, .csv/.tsv)")
+    run.add_argument("--target", required=True, nargs="+", type=Path, help="one or more target files; each is its own batch")
+    run.add_argument("--batch-key", help="obs column naming each target cell's batch (instead of one batch per file)")
+    run.add_argument("--out", required=True, type=Path, help="annotated target AnnData to write (.h5ad)")
+    run.add_argument("--table", type=Path, help="also write the cell table (.csv, .tsv or .parquet)")
+    run.add_argument("--hvg", default="3000", help="number of highly variable genes chosen on the reference, or 'all'")
+    run.add_argument("--input-kind", default="auto", choices=("auto", "counts", "log"), help="what X holds (default: detect)")
+    run.add_argument("--epochs", type=int, help="module I training epochs (default: about 2,000 mini-batches)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", choices=DEVICES)
+    run.add_argument("--no-memory-bank", action="store_true", help="ablation: decode the latent directly")
+    call = run.add_mutually_exclusive_group()
+    call.add_argument("--expected-fraction", type=float, help="call this fraction of target cells anomalous")
+    call.add_argument("--threshold", type=float, help="call cells with score above this value anomalous")
+    run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
+    run.add_argument("--model", type=Path, help="score with a saved model instead of training")
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="write the built-in demo data set (PBMCs, B cells anomalous) as .h5ad files")
+    demo.add_argument("--out", required=True, type=Path, help="folder to write into")
+    demo.add_argument("--with-progenitors", action="store_true", help="also make CD34+ progenitors anomalous")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    reference = read_cells(args.reference)
+    targets = {path.name.split(".")[0]: read_cells(path) for path in args.target}
+    if len(targets) != len(args.target):
+        raise ACsleuthError("Two target files have the same name; rename one so each batch has its own name.")
+    config = DetectorConfig(
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        memory_size=0 if args.no_memory_bank else DetectorConfig.memory_size,
+    )
+    detector = AnomalyDetector.load(args.model) if args.model else None
+    with _ProgressBar() as bar:
+        run = detect_anomalies(
+            reference,
+            targets,
+            batch_key=args.batch_key,
+            n_hvg=_hvg(args.hvg),
+            declared=args.input_kind,
+            config=config,
+            detector=detector,
+            progress=bar.update,
+        )
+    adata = run.adata
+    if args.expected_fraction is not None:
+        call_anomalies(adata, "fraction", args.expected_fraction)
+    elif args.threshold is not None:
+        call_anomalies(adata, "manual", args.threshold)
+    write_h5ad(adata, args.out)
+    if args.table:
+        write_table(cell_table(adata), args.table)
+    if args.save_model:
+        run.detector.save(args.save_model)
+    called = adata.uns[keys.UNS]["calls_per_batch"]
+    summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
+    print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    data = load_demo(with_progenitors=args.with_progenitors)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_h5ad(data.reference, args.out / "reference.h5ad")
+    for name, target in data.targets.items():
+        write_h5ad(target, args.out / f"{name}.h5ad")
+    print(f"wrote reference.h5ad and {', '.join(f'{n}.h5ad' for n in data.targets)} to {args.out}")
+    return 0
+
+
+def _hvg(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise ACsleuthError(f"--hvg must be a number of genes or 'all', not {text!r}") from None
+
+
+class _ProgressBar:
+    """A tqdm bar per training stage on a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._stage = None
+        self._enabled = sys.stderr.isatty()
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def update(self, event: ProgressEvent) -> None:
+        if not self._enabled:
+            return
+        from tqdm import tqdm
+
+        if event.stage != self._stage:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=event.n_epochs, desc=event.stage, unit="epoch", file=sys.stderr)
+            self._stage = event.stage
+        self._bar.update(event.epoch - self._bar.n)
+        postfix = {k: f"{v:.3g}" for k, v in event.losses.items()}
+        if event.cells_per_second:
+            postfix["cells/s"] = f"{event.cells_per_second:,.0f}"
+        self._bar.set_postfix(postfix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
