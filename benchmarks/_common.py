@@ -1,0 +1,205 @@
+"""Helpers shared by the benchmark scripts: measuring, running ACsleuth, scoring, reporting.
+
+Heavy libraries (torch, scanpy, acsleuth_core) are imported inside functions:
+the parent process that launches measured children must stay small, because
+a spawned child's ``ru_maxrss`` starts from the parent's RSS at fork time
+(Linux keeps the high-water mark across ``execve``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import shlex
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 1024.0
+
+
+# --------------------------------------------------------------------- memory
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
+
+
+def current_rss_mib() -> float:
+    """This process's resident set size now (``VmRSS``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / MIB
+    return float("nan")
+
+
+def run_in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` in a new spawned interpreter and return its (picklable) result.
+
+    One process per call, so each run's ``ru_maxrss`` is its own.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+@dataclass
+class RssSampler:
+    """Sample this process's RSS in a background thread and attribute it to named phases.
+
+    ``mark(name)`` starts a new phase; ``phases()`` gives each phase's peak
+    RSS and duration. Used to find which step of a run sets the peak.
+    """
+
+    interval: float = 0.02
+    _marks: list[tuple[float, str]] = field(default_factory=list)
+    _samples: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "RssSampler":
+        self.mark("start")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._samples.append((time.perf_counter(), current_rss_mib()))
+        self.mark("end")
+
+    def mark(self, name: str) -> None:
+        self._marks.append((time.perf_counter(), name))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._samples.append((time.perf_counter(), current_rss_mib()))
+            self._stop.wait(self.interval)
+
+    def phases(self) -> list[dict]:
+        """One row per phase (consecutive marks): name, seconds, peak RSS MiB seen in it."""
+        times = np.array([t for t, _ in self._samples])
+        rss = np.array([r for _, r in self._samples])
+        rows = []
+        for (start, name), (end, _) in zip(self._marks[:-1], self._marks[1:]):
+            inside = (times >= start) & (times <= end)
+            peak = float(rss[inside].max()) if inside.any() else float("nan")
+            rows.append({"phase": name, "seconds": end - start, "peak RSS MiB": peak})
+        return rows
+
+
+# ------------------------------------------------------------------- ACsleuth
+@dataclass
+class AcsleuthOutput:
+    """What the benchmarks read from one ``detect_anomalies`` run (rows in target order)."""
+
+    scores: np.ndarray
+    calls: np.ndarray
+    residual_norm: np.ndarray
+    batches: np.ndarray
+    seconds: float
+    threshold: float
+
+
+def run_acsleuth(reference, targets, *, config, n_hvg: int | str = 3000, progress=None) -> AcsleuthOutput:
+    """Time ``detect_anomalies`` (preparation, training and scoring) and collect its per-cell outputs."""
+    from acsleuth_core import keys
+    from acsleuth_core.pipeline import detect_anomalies
+
+    start = time.perf_counter()
+    run = detect_anomalies(reference, targets, n_hvg=n_hvg, config=config, progress=progress)
+    seconds = time.perf_counter() - start
+    obs = run.adata.obs
+    return AcsleuthOutput(
+        scores=obs[keys.SCORE].to_numpy(dtype=float),
+        calls=obs[keys.ANOMALY].to_numpy(dtype=bool),
+        residual_norm=obs[keys.RESIDUAL_NORM].to_numpy(dtype=float),
+        batches=obs[keys.BATCH].astype(str).to_numpy(),
+        seconds=seconds,
+        threshold=float(run.adata.uns[keys.UNS]["threshold"]["value"]),
+    )
+
+
+# -------------------------------------------------------------------- metrics
+def anomaly_metrics(truth: np.ndarray, scores: np.ndarray, calls: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPRC (threshold-free, on ``scores``), F1 and count of the calls; anomaly = positive."""
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+    truth = np.asarray(truth, dtype=bool)
+    calls = np.asarray(calls, dtype=bool)
+    return {
+        "AUROC": float(roc_auc_score(truth, scores)),
+        "AUPRC": float(average_precision_score(truth, scores)),
+        "F1": float(f1_score(truth, calls, zero_division=0)),
+        "called": int(calls.sum()),
+    }
+
+
+def calls_per_sample(truth: np.ndarray, calls: np.ndarray, batches: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per sample: cells, true anomalies, cells called, and false positives (normal cells called)."""
+    out = {}
+    for sample in dict.fromkeys(batches):
+        rows = batches == sample
+        out[str(sample)] = {
+            "cells": int(rows.sum()),
+            "anomalies": int(truth[rows].sum()),
+            "called": int(calls[rows].sum()),
+            "false positives": int((calls[rows] & ~truth[rows]).sum()),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ reporting
+def reproduce_command(script: str, options: Mapping[str, Any]) -> str:
+    """The shell command that reruns ``script`` with ``options`` (lists become repeated values)."""
+    parts = ["python", script]
+    for name, value in options.items():
+        parts.append(f"--{name}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        parts.extend(str(v) for v in values)
+    return shlex.join(parts)
+
+
+def mean_std(values: Sequence[float], digits: int) -> str:
+    """``mean ± std`` over seeds (population std; just the value when there is one)."""
+    arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return "–"
+    if arr.size == 1:
+        return f"{arr[0]:.{digits}f}"
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=0):.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub markdown table from dicts sharing their keys (first row's key order)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(rows[0])
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def write_result(name: str, text: str) -> Path:
+    """Write ``text`` to ``benchmarks/results/<name>`` (git-ignored) and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(text)
+    return path
+
+
+def log(message: str) -> None:
+    """Progress line on stderr, so stdout holds only the report."""
+    print(message, file=sys.stderr, flush=True)
