@@ -1,0 +1,124 @@
+"""Runs on disk: each trained model and its results in a folder of its own.
+
+A run folder holds ``run.json`` (name, status, parameters, times, summary),
+the trained model (``model/``) and the annotated target (``result.h5ad``).
+Every file is written atomically, so a crash or a refresh never leaves a
+half-written result behind. Runs have unique ids, so two browser sessions
+never write into the same folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import anndata as ad
+
+from .detect import AnomalyDetector
+from .errors import InputError
+from .export import atomic_path, write_h5ad
+
+RUNS_DIR_ENV = "ACSLEUTH_RUNS_DIR"
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+RESULT_FILE = "result.h5ad"
+_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+
+
+def default_runs_dir() -> Path:
+    """``$ACSLEUTH_RUNS_DIR`` if set, else ``~/.acsleuth/runs``."""
+    return Path(os.environ.get(RUNS_DIR_ENV) or Path.home() / ".acsleuth" / "runs").expanduser()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder and what its ``run.json`` says."""
+
+    folder: Path
+    info: dict
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    @property
+    def has_result(self) -> bool:
+        return (self.folder / RESULT_FILE).is_file()
+
+    def load_result(self) -> ad.AnnData:
+        return ad.read_h5ad(self.folder / RESULT_FILE)
+
+    def load_detector(self) -> AnomalyDetector:
+        return AnomalyDetector.load(self.folder / MODEL_DIR)
+
+
+class RunStore:
+    """All runs under one folder (default :func:`default_runs_dir`)."""
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else default_runs_dir()
+
+    def create(self, name: str, params: dict) -> Run:
+        """A new, empty run folder with status ``running``."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        folder = self.root / f"{stamp}-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(parents=True)
+        info = {"name": name, "status": "running", "params": params, "created": _now(), "summary": {}}
+        _write_json(folder / RUN_FILE, info)
+        return Run(folder, info)
+
+    def finish(self, run: Run, adata: ad.AnnData, detector: AnomalyDetector, summary: dict) -> Run:
+        """Save the model and the annotated result, then mark the run done."""
+        model_tmp = run.folder / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(model_tmp, ignore_errors=True)
+        detector.save(model_tmp)
+        shutil.rmtree(run.folder / MODEL_DIR, ignore_errors=True)
+        os.replace(model_tmp, run.folder / MODEL_DIR)
+        write_h5ad(adata, run.folder / RESULT_FILE)
+        return self.update(run, status="done", summary=summary, finished=_now())
+
+    def save_result(self, run: Run, adata: ad.AnnData) -> None:
+        """Overwrite a finished run's result (e.g. after a new threshold), atomically."""
+        write_h5ad(adata, run.folder / RESULT_FILE)
+
+    def update(self, run: Run, **fields) -> Run:
+        info = {**run.info, **fields}
+        _write_json(run.folder / RUN_FILE, info)
+        return Run(run.folder, info)
+
+    def get(self, run_id: str) -> Run:
+        if not _ID.match(run_id or ""):
+            raise InputError(f"{run_id!r} is not a run id.")
+        folder = self.root / run_id
+        if not (folder / RUN_FILE).is_file():
+            raise InputError(f"There is no run {run_id} under {self.root}.")
+        return Run(folder, json.loads((folder / RUN_FILE).read_text()))
+
+    def list(self) -> list[Run]:
+        """Every readable run, newest first."""
+        if not self.root.is_dir():
+            return []
+        runs = []
+        for folder in sorted(self.root.iterdir(), reverse=True):
+            if _ID.match(folder.name) and (folder / RUN_FILE).is_file():
+                try:
+                    runs.append(Run(folder, json.loads((folder / RUN_FILE).read_text())))
+                except (OSError, json.JSONDecodeError):
+                    continue
+        return runs
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
