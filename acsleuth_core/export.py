@@ -61,3 +61,37 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         else:
             raise ValueError(f"cannot write a table to {path.name}: use .csv, .tsv (optionally .gz) or .parquet")
     return path
+
+
+def provenance(adata: ad.AnnData) -> dict[str, str]:
+    """Where a table came from: tool versions, inputs, parameters and date, as flat strings."""
+    result = adata.uns.get(keys.UNS, {})
+    versions = result.get("versions", {})
+    params = result.get("params", {})
+    threshold = result.get("threshold", {})
+    return {
+        "tool": f"ACsleuth Studio {versions.get('acsleuth-studio', 'unknown')}",
+        "created": str(result.get("created", "")),
+        "inputs": "; ".join(f"{k}: {v}" for k, v in result.get("input_kinds", {}).items()),
+        "genes": str(result.get("genes", {}).get("matching", "")),
+        "parameters": "; ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, dict)),
+        "threshold": f"{threshold.get('method', '')} {threshold.get('value', '')}",
+        "versions": "; ".join(f"{k} {v}" for k, v in versions.items()),
+    }
+
+
+def table_bytes(table: pd.DataFrame, fmt: str, meta: dict[str, str]) -> bytes:
+    """A table as CSV (provenance as leading ``#`` lines) or Parquet (provenance in the file metadata)."""
+    if fmt == "csv":
+        header = "".join(f"# {key}: {value}\n" for key, value in meta.items())
+        return (header + table.to_csv(index=False)).encode()
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **{f"acsleuth.{k}": v for k, v in meta.items()}})
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow, sink)
+        return sink.getvalue().to_pybytes()
+    raise ValueError(f"unknown table format {fmt!r}: use 'csv' or 'parquet'")

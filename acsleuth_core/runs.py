@@ -21,9 +21,11 @@ from typing import Optional
 
 import anndata as ad
 
-from .detect import AnomalyDetector
-from .errors import InputError
+from .detect import AnomalyDetector, DetectorConfig
+from .errors import Cancelled, InputError
 from .export import atomic_path, write_h5ad
+from .jobs import Job, JobRegistry
+from .pipeline import calls_per_batch, detect_anomalies
 
 RUNS_DIR_ENV = "ACSLEUTH_RUNS_DIR"
 RUN_FILE = "run.json"
@@ -122,3 +124,38 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def start_detection_run(
+    store: RunStore,
+    registry: JobRegistry,
+    reference: ad.AnnData,
+    targets: dict[str, ad.AnnData],
+    *,
+    name: str,
+    n_hvg: int | str,
+    config: DetectorConfig,
+) -> tuple[Run, Job]:
+    """Create a run folder and train + score in a background job that saves into it.
+
+    The run's status on disk follows the job: ``done`` (with model and
+    result), ``failed`` (with the message) or ``cancelled``.
+    """
+    params = {"n_hvg": n_hvg, **config.to_json(), "targets": list(targets)}
+    run = store.create(name, params)
+
+    def work(progress, cancel):
+        try:
+            result = detect_anomalies(
+                reference, targets, n_hvg=n_hvg, config=config, progress=progress, cancel=cancel
+            )
+            summary = {"cells": int(result.adata.n_obs), "calls_per_batch": calls_per_batch(result.adata)}
+            return store.finish(run, result.adata, result.detector, summary)
+        except Cancelled as error:
+            store.update(run, status="cancelled", message=str(error))
+            raise
+        except Exception as error:
+            store.update(run, status="failed", message=str(error))
+            raise
+
+    return run, registry.start(work, name=name)

@@ -98,7 +98,7 @@ def train_adversarial(
                 generator_loss.backward()
                 opt_g.step()
                 task.after_generator_step(output)
-                _add(sums, counts, generator=float(generator_loss))
+                _add(sums, counts, generator=generator_loss.item())
         for key in history:
             history[key].append(sums[key] / max(counts[key], 1))
         if progress is not None:

@@ -1,0 +1,67 @@
+"""Data: load a reference and targets (upload, server path or the demo), check them."""
+
+import streamlit as st
+
+from acsleuth_core.demo import load_demo
+from acsleuth_core.errors import ACsleuthError
+from acsleuth_core.summary import describe_inputs
+from pages.ui.frame import LoadedData, frame, loaded_data, set_loaded_data, show_error
+from pages.ui.uploads import dataset_name, read_server_path, read_upload, upload_limit_bytes
+
+frame("Data")
+st.title("1 · Data")
+st.markdown(
+    "ACsleuth needs a **reference** of normal cells and one or more **targets** to search for anomalies. "
+    "Each target file is one sample (batch). Accepted: `.h5ad`, 10x `.h5`, `.csv`/`.tsv` (gzipped too); "
+    "raw counts or log-normalised values."
+)
+
+if st.button("Load demo data", type="primary", help="Real PBMCs (scanpy's pbmc68k_reduced); B cells are the anomalies"):
+    demo = load_demo()
+    set_loaded_data(LoadedData(demo.reference, demo.targets, source="built-in demo (PBMCs, B cells anomalous)"))
+
+upload_tab, path_tab = st.tabs(["Upload files", "Path on the server"])
+with upload_tab:
+    st.caption(f"Upload limit: {upload_limit_bytes() // 2**20:,} MB per file; use a server path for bigger files.")
+    reference_file = st.file_uploader("Reference (normal cells)", key="reference_upload")
+    target_files = st.file_uploader("Targets (one file per sample)", accept_multiple_files=True, key="target_upload")
+    if st.button("Read uploaded files", disabled=not (reference_file and target_files)):
+        try:
+            reference = read_upload(reference_file)
+            targets = {dataset_name(f.name): read_upload(f) for f in target_files}
+            set_loaded_data(LoadedData(reference, targets, source="uploaded files"))
+        except ACsleuthError as error:
+            show_error(error)
+with path_tab:
+    reference_path = st.text_input("Reference file or 10x folder")
+    target_paths = st.text_area("Target files or folders, one per line")
+    if st.button("Read files from the server", disabled=not (reference_path and target_paths.strip())):
+        try:
+            reference = read_server_path(reference_path)
+            lines = [line.strip() for line in target_paths.splitlines() if line.strip()]
+            targets = {dataset_name(line): read_server_path(line) for line in lines}
+            set_loaded_data(LoadedData(reference, targets, source="files on the server"))
+        except ACsleuthError as error:
+            show_error(error)
+
+data = loaded_data()
+if data is None:
+    st.info("No data loaded yet.")
+    st.stop()
+
+st.subheader(f"Loaded: {data.source}")
+try:
+    overview = describe_inputs(data.reference, data.targets)
+except ACsleuthError as error:
+    show_error(error)
+    st.stop()
+st.dataframe(overview.table, hide_index=True)
+st.markdown(overview.gene_summary)
+hvg = st.selectbox(
+    "Highly variable genes (chosen on the reference)",
+    [1000, 2000, 3000, 5000, "all"],
+    index=2,
+    help="The detector models these genes; 'all' keeps every shared gene.",
+)
+data.n_hvg = hvg
+st.page_link("pages/2_Detect.py", label="Next: train the detector", icon="➡️")

@@ -1,0 +1,105 @@
+"""The frame every page shares: page setup, the sidebar of steps, and session state.
+
+Pages stay short scripts: they call :func:`frame` first, then read state,
+call ``acsleuth_core`` and draw. Nothing here does science.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import anndata as ad
+import streamlit as st
+
+from acsleuth_core.errors import ACsleuthError
+from acsleuth_core.jobs import JobRegistry
+from acsleuth_core.runs import Run, RunStore
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+STEPS = [
+    ("Data", "pages/1_Data.py", "a reference of normal cells and at least one target"),
+    ("Detect", "pages/2_Detect.py", "loaded data (Data step)"),
+    ("Export", "pages/3_Export.py", "a finished detection run"),
+]
+
+
+@dataclass
+class LoadedData:
+    """What the user loaded on the Data page, kept in this browser session only."""
+
+    reference: ad.AnnData
+    targets: dict[str, ad.AnnData]
+    source: str
+    n_hvg: int | str = 3000
+    notes: list[str] = field(default_factory=list)
+
+
+@st.cache_resource
+def run_store() -> RunStore:
+    """One run store per server process (runs live on disk, shared by sessions)."""
+    return RunStore()
+
+
+@st.cache_resource
+def job_registry() -> JobRegistry:
+    """Background jobs of this server process, found again by id after a rerun."""
+    return JobRegistry()
+
+
+def frame(step: str) -> None:
+    """Set up the page, restore the run named in the URL, draw the sidebar."""
+    st.set_page_config(page_title=f"ACsleuth Studio · {step}", page_icon=str(ASSETS / "logo.svg"), layout="wide")
+    st.logo(str(ASSETS / "logo.svg"))
+    _restore_run_from_url()
+    with st.sidebar:
+        st.markdown("**Analysis steps**")
+        data, run = loaded_data(), current_run()
+        done = {"Data": data is not None, "Detect": run is not None and run.has_result, "Export": False}
+        for name, _, needs in STEPS:
+            mark = "✅" if done[name] else ("▶️" if name == step else "○")
+            st.markdown(f"{mark} **{name}** — needs {needs}")
+        if run is not None:
+            st.caption(f"Run: {run.info.get('name', run.id)} ({run.info.get('status')})")
+        st.caption(f"Runs are saved in `{run_store().root}`")
+
+
+def loaded_data() -> Optional[LoadedData]:
+    return st.session_state.get("data")
+
+
+def set_loaded_data(data: LoadedData) -> None:
+    st.session_state["data"] = data
+
+
+def current_run() -> Optional[Run]:
+    run_id = st.session_state.get("run_id")
+    if not run_id:
+        return None
+    try:
+        return run_store().get(run_id)
+    except ACsleuthError:
+        st.session_state.pop("run_id", None)
+        return None
+
+
+def open_run(run_id: str) -> None:
+    """Make ``run_id`` this session's run and put it in the URL, so a refresh reopens it."""
+    st.session_state["run_id"] = run_id
+    st.query_params["run"] = run_id
+
+
+def _restore_run_from_url() -> None:
+    run_id = st.query_params.get("run")
+    if run_id and "run_id" not in st.session_state:
+        try:
+            run_store().get(run_id)
+        except ACsleuthError:
+            return
+        st.session_state["run_id"] = run_id
+
+
+def show_error(error: Exception) -> None:
+    """A user-facing error in the page, never a traceback."""
+    st.error(str(error), icon="⚠️")

@@ -1,0 +1,34 @@
+"""Turning browser uploads and typed server paths into AnnData, with errors shown in the page."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import streamlit as st
+
+from acsleuth_core.io import check_server_path, read_cells
+
+
+def upload_limit_bytes() -> int:
+    """The server's upload limit (``server.maxUploadSize``, in MB) in bytes."""
+    return int(st.get_option("server.maxUploadSize")) * 1024 * 1024
+
+
+def read_upload(upload) -> ad.AnnData:
+    """Read one ``st.file_uploader`` file through the core reader (no unpickling)."""
+    with tempfile.TemporaryDirectory(prefix="acsleuth-upload-") as folder:
+        path = Path(folder) / Path(upload.name).name
+        path.write_bytes(upload.getbuffer())
+        return read_cells(path, max_bytes=upload_limit_bytes())
+
+
+def read_server_path(text: str) -> ad.AnnData:
+    """Read a file or 10x folder the user typed, after checking the path."""
+    return read_cells(check_server_path(text))
+
+
+def dataset_name(filename: str) -> str:
+    """A batch name from a file name: ``sample_A.h5ad.gz`` → ``sample_A``."""
+    return Path(filename).name.split(".")[0]

@@ -1,0 +1,120 @@
+"""The Streamlit pages, driven headless with streamlit.testing.AppTest."""
+
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from acsleuth_core import keys
+from acsleuth_core.demo import load_demo
+from pages.ui.frame import LoadedData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch):
+    """Each test gets its own run folder; cached stores and job registries are rebuilt."""
+    monkeypatch.setenv("ACSLEUTH_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(ROOT)
+    st.cache_resource.clear()
+    yield
+    st.cache_resource.clear()
+
+
+def page(name: str) -> AppTest:
+    """An app test that opens ``name`` (a path relative to the repository) through the entry page."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    if name != "app.py":
+        at.switch_page(name)
+    return at
+
+
+def demo_data() -> LoadedData:
+    demo = load_demo()
+    return LoadedData(demo.reference, demo.targets, source="built-in demo")
+
+
+def test_home_page_lists_no_runs_on_a_fresh_machine():
+    at = page("app.py").run()
+    assert not at.exception
+    assert any("No runs yet" in info.value for info in at.info)
+
+
+def test_demo_loads_and_is_summarised():
+    at = page("pages/1_Data.py").run()
+    at.button[0].click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["data set"]) == ["reference", "sample_A", "sample_B"]
+    assert set(table["values"]) == {"raw counts (will be log-normalised)"}
+    assert any("765" in md.value for md in at.markdown)
+
+
+def test_a_bad_server_path_shows_its_error_in_the_page():
+    at = page("pages/1_Data.py").run()
+    at.text_input[0].input("/no/such/reference.h5ad")
+    at.text_area[0].input("/no/such/target.h5ad").run()
+    read = [b for b in at.button if b.label == "Read files from the server"][0]
+    read.click().run()
+    assert not at.exception
+    assert at.error and "Nothing exists at" in at.error[0].value
+
+
+def _train_demo(at: AppTest) -> AppTest:
+    at.session_state["data"] = demo_data()
+    at.run()
+    at.number_input[0].set_value(25)
+    [b for b in at.button if b.label == "Train and score"][0].click().run()
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        at.run()
+        if at.get("plotly_chart"):
+            return at
+    raise AssertionError("training did not finish in time")
+
+
+def test_training_runs_in_the_background_and_shows_the_histogram():
+    at = _train_demo(page("pages/2_Detect.py"))
+    assert not at.exception
+    counts = at.dataframe[0].value
+    assert set(counts["sample"]) == {"sample_A", "sample_B"}
+    assert counts["called anomalous"].sum() > 0
+    assert len(at.get("plotly_chart")) >= 1
+
+
+def test_threshold_change_updates_the_counts():
+    at = _train_demo(page("pages/2_Detect.py"))
+    before = at.dataframe[0].value["called anomalous"].sum()
+    at.radio[0].set_value("fraction").run()
+    at.slider[0].set_value(0.5).run()
+    after = at.dataframe[0].value["called anomalous"].sum()
+    n_cells = at.dataframe[0].value["cells"].sum()
+    assert after == pytest.approx(0.5 * n_cells, abs=2)
+    assert after != before
+
+
+def test_export_page_offers_every_download_after_a_run():
+    at = _train_demo(page("pages/2_Detect.py"))
+    run_id = at.session_state["run_id"]
+    export = page("pages/3_Export.py")
+    export.session_state["run_id"] = run_id
+    export.run()
+    assert not export.exception
+    table = export.dataframe[0].value
+    assert {"cell", keys.SCORE, keys.ANOMALY, keys.BATCH} <= set(table.columns)
+    labels = [el.proto.label for el in export.get("download_button")]
+    assert labels == ["Cell table (CSV)", "Cell table (Parquet)", "Annotated AnnData (.h5ad)", "Trained model (.zip)"]
+
+
+def test_a_refresh_reopens_the_run_named_in_the_url():
+    at = _train_demo(page("pages/2_Detect.py"))
+    run_id = at.session_state["run_id"]
+    fresh = page("pages/2_Detect.py")
+    fresh.query_params["run"] = run_id
+    fresh.run()
+    assert not fresh.exception
+    assert fresh.get("plotly_chart"), "a new session with ?run=<id> should show the finished run"
