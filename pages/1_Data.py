@@ -2,10 +2,9 @@
 
 import streamlit as st
 
-from acsleuth_core.demo import load_demo
 from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.summary import describe_inputs
-from pages.ui.frame import LoadedData, frame, loaded_data, set_loaded_data, show_error
+from pages.ui.frame import LoadedData, demo_data, frame, loaded_data, set_loaded_data, show_error
 from pages.ui.uploads import dataset_name, read_server_path, read_upload, upload_limit_bytes
 
 frame("Data")
@@ -17,8 +16,7 @@ st.markdown(
 )
 
 if st.button("Load demo data", type="primary", help="Real PBMCs (scanpy's pbmc68k_reduced); B cells are the anomalies"):
-    demo = load_demo()
-    set_loaded_data(LoadedData(demo.reference, demo.targets, source="built-in demo (PBMCs, B cells anomalous)"))
+    set_loaded_data(demo_data())
 
 upload_tab, path_tab = st.tabs(["Upload files", "Path on the server"])
 with upload_tab:

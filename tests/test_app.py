@@ -8,8 +8,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from acsleuth_core import keys
-from acsleuth_core.demo import load_demo
-from pages.ui.frame import LoadedData
+from pages.ui.frame import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +29,6 @@ def page(name: str) -> AppTest:
     if name != "app.py":
         at.switch_page(name)
     return at
-
-
-def demo_data() -> LoadedData:
-    demo = load_demo()
-    return LoadedData(demo.reference, demo.targets, source="built-in demo")
 
 
 def test_home_page_lists_no_runs_on_a_fresh_machine():

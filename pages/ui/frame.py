@@ -6,6 +6,7 @@ call ``acsleuth_core`` and draw. Nothing here does science.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 import anndata as ad
 import streamlit as st
 
+from acsleuth_core.demo import load_demo
 from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.jobs import JobRegistry
 from acsleuth_core.runs import Run, RunStore
@@ -49,10 +51,16 @@ def job_registry() -> JobRegistry:
 
 
 def frame(step: str) -> None:
-    """Set up the page, restore the run named in the URL, draw the sidebar."""
+    """Set up the page, restore the run named in the URL, draw the sidebar.
+
+    Started as ``streamlit run app.py -- --demo``, every new session begins
+    with the built-in demo data loaded.
+    """
     st.set_page_config(page_title=f"ACsleuth Studio · {step}", page_icon=str(ASSETS / "logo.svg"), layout="wide")
     st.logo(str(ASSETS / "logo.svg"))
     _restore_run_from_url()
+    if "--demo" in sys.argv[1:] and "data" not in st.session_state:
+        set_loaded_data(demo_data())
     with st.sidebar:
         st.markdown("**Analysis steps**")
         data, run = loaded_data(), current_run()
@@ -63,6 +71,12 @@ def frame(step: str) -> None:
         if run is not None:
             st.caption(f"Run: {run.info.get('name', run.id)} ({run.info.get('status')})")
         st.caption(f"Runs are saved in `{run_store().root}`")
+
+
+def demo_data() -> LoadedData:
+    """The built-in demo as loaded data (PBMCs, B cells anomalous)."""
+    demo = load_demo()
+    return LoadedData(demo.reference, demo.targets, source="built-in demo (PBMCs, B cells anomalous)")
 
 
 def loaded_data() -> Optional[LoadedData]:
