@@ -141,7 +141,7 @@ def fit_predictor(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         if progress is not None:
             name = "warm_start" if warm else "mmd"
             progress(ProgressEvent("predictor", epoch, n_epochs, {name: total / max(steps, 1)}))

@@ -82,17 +82,19 @@ def train_adversarial(
     history: dict[str, list[float]] = {"reconstruction": [], "generator": [], "critic": [], "wasserstein": []}
     task.generator.train()
     task.critic.train()
+    step = 0
     for epoch in range(1, config.epochs + 1):
         sums = dict.fromkeys(history, 0.0)
         counts = dict.fromkeys(history, 0)
         n_cells, started = 0, time.perf_counter()
-        for step, batch in enumerate(epoch_batches()):
+        for batch in epoch_batches():
+            step += 1
             check_cancel(cancel)
             n_cells += batch.shape[0]
             output = task.generate(batch)
             critic_loss, distance = _critic_step(task.critic, opt_d, output, config.gp_weight)
             _add(sums, counts, critic=critic_loss, wasserstein=distance, reconstruction=output.reconstruction_loss.item())
-            if step % config.n_critic == config.n_critic - 1:
+            if step % config.n_critic == 0:
                 generator_loss = config.alpha * output.reconstruction_loss - config.beta * task.critic(output.fake).mean()
                 opt_g.zero_grad(set_to_none=True)
                 generator_loss.backward()
