@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import scipy.sparse as sp
+from scipy import stats
 import torch
 
 from . import threshold as thr
@@ -206,7 +207,7 @@ class AnomalyDetector:
         holdout_features, _, _ = self._features(self._holdout, None, cancel)
         base = _mean_square(features)
         base_holdout = _mean_square(holdout_features)
-        warm = thr.fit_anchored_mixture(np.log(base), np.log(base_holdout)).posterior(np.log(base))
+        warm = _warm_start_targets(np.log(base), np.log(base_holdout))
         predictor = fit_predictor(
             features, warm, cfg.predictor, generator=generator_rng, progress=progress, cancel=cancel
         )
@@ -367,6 +368,15 @@ def _row_offsets(batches: np.ndarray, offsets: dict[str, np.ndarray], n_genes: i
     for b, v in offsets.items():
         out[batches == b] = v
     return out
+
+
+def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> np.ndarray:
+    """Soft labels that orient the predictor: the anchored mixture's posterior on the base score,
+    or the base score's rank (in [0, 1]) when the mixture finds no anomalous component."""
+    mixture = thr.fit_anchored_mixture(base, base_holdout)
+    if mixture.found_anomalies:
+        return mixture.posterior(base)
+    return stats.rankdata(base) / base.size
 
 
 def _mean_square(features: np.ndarray) -> np.ndarray:

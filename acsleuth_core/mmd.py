@@ -159,7 +159,8 @@ def _orient(predictor: AnomalyPredictor, x: torch.Tensor, warm_start_targets: to
     is then reversed.
     """
     logits = predictor(x)
-    if torch.corrcoef(torch.stack([logits, warm_start_targets]))[0, 1] < 0:
+    correlation = torch.corrcoef(torch.stack([logits, warm_start_targets]))[0, 1]
+    if torch.isfinite(correlation) and correlation < 0:
         last = predictor.net[-1]
         last.weight.neg_()
         last.bias.neg_()

@@ -16,6 +16,8 @@ import numpy as np
 from scipy import stats
 
 METHODS = ("label_free", "fraction", "manual")
+#: an anomalous component must sit this many normal SDs above the normal centre to count
+MIN_SEPARATION = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,23 @@ class AnchoredMixture:
         post = dens1 / np.maximum(dens0 + dens1, 1e-300)
         return np.where(x > self.normal_centre, post, 0.0)
 
+    @property
+    def found_anomalies(self) -> bool:
+        """Whether EM found an anomalous component clearly beyond the normal one (> 2 normal SDs)."""
+        return (
+            self.anomaly_fraction > 1e-3
+            and self.anomalous_centre > self.normal_centre + MIN_SEPARATION * self.normal_scale
+        )
+
     def cut(self) -> float:
-        """Where the anomalous posterior first reaches 1/2 above the normal centre, else the
-        normal component's 99.5th percentile (no anomalous component found)."""
-        fallback = self.normal_centre + stats.norm.ppf(0.995) * self.normal_scale
-        if self.anomaly_fraction <= 1e-3 or self.anomalous_centre <= self.normal_centre:
-            return fallback
-        grid = np.linspace(self.normal_centre, self.anomalous_centre, 2001)
+        """Where the anomalous posterior first reaches 1/2, never below the normal component's
+        97.5th percentile; its 99.5th percentile when no anomalous component was found."""
+        if not self.found_anomalies:
+            return self.normal_centre + stats.norm.ppf(0.995) * self.normal_scale
+        floor = self.normal_centre + stats.norm.ppf(0.975) * self.normal_scale
+        grid = np.linspace(floor, self.anomalous_centre, 2001)
         above = np.nonzero(self.posterior(grid) >= 0.5)[0]
-        return float(grid[above[0]]) if above.size else fallback
+        return float(grid[above[0]]) if above.size else float(self.anomalous_centre)
 
 
 def fit_anchored_mixture(target: np.ndarray, reference: np.ndarray, *, max_iter: int = 200) -> AnchoredMixture:

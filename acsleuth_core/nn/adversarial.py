@@ -73,7 +73,9 @@ def train_adversarial(
     """Train ``task`` for ``config.epochs`` passes over ``epoch_batches()``.
 
     Returns per-epoch mean losses: ``reconstruction``, ``generator``, ``critic``
-    and ``wasserstein`` (the critic's estimate ``E[D(real)] − E[D(fake)]``).
+    and ``wasserstein`` (the critic's estimate ``E[D(real)] − E[D(fake)]``); NaN
+    for ``generator`` in an epoch too short to hold a generator step. Steps are
+    counted across epochs, so every ``n_critic``-th mini-batch trains the generator.
     """
     opt_g = torch.optim.Adam(
         task.generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay
@@ -102,7 +104,7 @@ def train_adversarial(
                 task.after_generator_step(output)
                 _add(sums, counts, generator=generator_loss.item())
         for key in history:
-            history[key].append(sums[key] / max(counts[key], 1))
+            history[key].append(sums[key] / counts[key] if counts[key] else float("nan"))
         if progress is not None:
             elapsed = max(time.perf_counter() - started, 1e-9)
             progress(

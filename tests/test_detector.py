@@ -1,0 +1,310 @@
+"""Module I end to end: AnomalyDetector on synthetic cells, persistence, and the AnnData pipeline."""
+
+import dataclasses
+import json
+import shutil
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+
+from acsleuth_core import keys
+from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
+from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, AnomalyDetector, DetectorConfig
+from acsleuth_core.errors import InputError, ModelError
+from acsleuth_core.mmd import PredictorConfig
+from acsleuth_core.pipeline import call_anomalies, detect_anomalies
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+N_GENES = 60
+GENES = [f"gene{i}" for i in range(N_GENES)]
+CONFIG = DetectorConfig(
+    epochs=15,
+    latent_dim=16,
+    hidden_dims=(32,),
+    memory_size=64,
+    batch_size=64,
+    learning_rate=1e-2,  # 15 short epochs: a larger step than the default lets module I actually fit
+    predictor=PredictorConfig(warmup_epochs=3, epochs=5),
+)
+
+
+def _log_expression(rng, profiles, types, depth=800.0):
+    """Poisson counts from each type's profile, library-size normalised to 1e4 and log1p'd."""
+    mean = profiles[types] * rng.lognormal(np.log(depth), 0.2, size=(types.size, 1))
+    counts = rng.poisson(mean).astype(np.float64)
+    return np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4).astype(np.float32)
+
+
+def _synthetic(seed=0):
+    """Three normal cell types in reference and target; a fourth type only in the target."""
+    rng = np.random.default_rng(seed)
+    profiles = rng.gamma(1.0, 1.0, size=(4, N_GENES))
+    for k in range(4):
+        profiles[k, k * 12 : (k + 1) * 12] *= 8  # each type's own marker genes
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    reference = _log_expression(rng, profiles, rng.integers(0, 3, 300))
+    target_types = np.r_[rng.integers(0, 3, 200), np.full(40, 3)]
+    target = _log_expression(rng, profiles, target_types)
+    return reference, target, target_types == 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _synthetic()
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    reference, target, _ = data
+    detector = AnomalyDetector(CONFIG).fit(reference, GENES)
+    return detector, detector.score(target)
+
+
+# ------------------------------------------------------------------ scoring
+def test_scores_are_probabilities_and_anomalies_score_higher(data, fitted):
+    _, _, is_anomaly = data
+    _, result = fitted
+    assert np.all((result.scores >= 0) & (result.scores <= 1))
+    assert result.scores[is_anomaly].mean() > result.scores[~is_anomaly].mean()
+    assert roc_auc_score(is_anomaly, result.scores) > 0.9
+
+
+def test_label_free_call_finds_the_anomalous_type(data, fitted):
+    _, _, is_anomaly = data
+    _, result = fitted
+    assert result.threshold.method == "label_free"
+    assert f1_score(is_anomaly, result.calls) > 0.8
+
+
+def test_result_has_one_row_per_target_cell(data, fitted):
+    _, target, _ = data
+    _, result = fitted
+    n = target.shape[0]
+    assert result.scores.shape == result.residual_norm.shape == result.calls.shape == (n,)
+    assert result.latent.shape == (n, CONFIG.latent_dim)
+    assert result.calls.dtype == bool
+    np.testing.assert_array_equal(result.calls, result.scores > result.threshold.value)
+    assert np.all(result.residual_norm > 0)
+    assert set(result.batches) == {"target"}
+
+
+def test_reference_scores_come_from_held_out_reference_cells(data, fitted):
+    reference, _, _ = data
+    detector, result = fitted
+    assert result.reference_scores.shape == (round(reference.shape[0] * CONFIG.holdout_fraction),)
+    assert np.all((result.reference_scores >= 0) & (result.reference_scores <= 1))
+
+
+def test_training_history_has_one_value_per_epoch(fitted):
+    detector, _ = fitted
+    assert set(detector.history) == {"reconstruction", "generator", "critic", "wasserstein"}
+    assert all(len(values) == CONFIG.epochs for values in detector.history.values())
+
+
+def test_scoring_a_target_with_other_genes_raises_model_error(data, fitted):
+    _, target, _ = data
+    detector, _ = fitted
+    with pytest.raises(ModelError, match="genes"):
+        detector.score(target[:, :-1])
+
+
+def test_scoring_before_fitting_raises_model_error(data):
+    with pytest.raises(ModelError):
+        AnomalyDetector(CONFIG).score(data[1])
+
+
+def test_fitting_needs_twenty_reference_cells(data):
+    with pytest.raises(ModelError, match="20"):
+        AnomalyDetector(CONFIG).fit(data[0][:19], GENES)
+
+
+def test_same_seed_gives_identical_scores(data, fitted):
+    reference, target, _ = data
+    _, result = fitted
+    again = AnomalyDetector(CONFIG).fit(reference, GENES).score(target)
+    np.testing.assert_array_equal(again.scores, result.scores)
+
+
+def test_another_seed_gives_other_scores(data, fitted):
+    reference, target, _ = data
+    _, result = fitted
+    other = AnomalyDetector(dataclasses.replace(CONFIG, seed=1)).fit(reference, GENES).score(target)
+    assert not np.array_equal(other.scores, result.scores)
+
+
+def test_memory_bank_ablation_trains_and_scores(data):
+    reference, target, is_anomaly = data
+    detector = AnomalyDetector(dataclasses.replace(CONFIG, memory_size=0)).fit(reference, GENES)
+    assert detector.generator.memory is None
+    result = detector.score(target)
+    assert np.all(np.isfinite(result.scores))
+    assert np.all((result.scores >= 0) & (result.scores <= 1))
+    assert roc_auc_score(is_anomaly, result.scores) > 0.8
+
+
+# ------------------------------------------------------------------ persistence
+@pytest.fixture(scope="module")
+def saved(fitted, tmp_path_factory):
+    detector, _ = fitted
+    return detector.save(tmp_path_factory.mktemp("model") / "detector")
+
+
+def test_save_then_load_gives_identical_scores(data, fitted, saved):
+    _, target, _ = data
+    _, result = fitted
+    loaded = AnomalyDetector.load(saved)
+    assert loaded.config == CONFIG
+    assert loaded.genes == GENES
+    np.testing.assert_array_equal(loaded.score(target).scores, result.scores)
+
+
+def test_saved_weights_load_with_weights_only(saved, fitted):
+    detector, _ = fitted
+    state = torch.load(saved / WEIGHTS_FILE, weights_only=True)
+    assert set(state) == set(detector.generator.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    torch.testing.assert_close(state["memory.queue"], detector.generator.memory.queue)
+
+
+def test_saved_config_is_json_with_the_genes(saved):
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    assert meta["genes"] == GENES
+    assert meta["config"]["latent_dim"] == CONFIG.latent_dim
+    assert meta["config"]["hidden_dims"] == list(CONFIG.hidden_dims)
+    assert meta["config"]["predictor"]["epochs"] == CONFIG.predictor.epochs
+    assert len(meta["history"]["reconstruction"]) == CONFIG.epochs
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, CONFIG_FILE, CALIBRATION_FILE])
+def test_loading_a_folder_with_a_missing_file_raises_model_error(saved, tmp_path, missing):
+    copy = shutil.copytree(saved, tmp_path / "incomplete")
+    (copy / missing).unlink()
+    with pytest.raises(ModelError, match=missing):
+        AnomalyDetector.load(copy)
+
+
+def test_loading_an_empty_folder_raises_model_error(tmp_path):
+    with pytest.raises(ModelError):
+        AnomalyDetector.load(tmp_path)
+
+
+# ------------------------------------------------------------------ pipeline over AnnData
+DEMO_CONFIG = DetectorConfig(
+    epochs=5,
+    latent_dim=16,
+    hidden_dims=(32,),
+    memory_size=64,
+    batch_size=64,
+    predictor=PredictorConfig(warmup_epochs=2, epochs=3),
+)
+
+
+def _snapshot(adata: ad.AnnData):
+    return adata.X.toarray().copy(), adata.obs.copy(), adata.var_names.copy()
+
+
+def _strip_labels(adata: ad.AnnData) -> ad.AnnData:
+    out = adata.copy()
+    out.obs = out.obs.drop(columns=[LABEL_KEY, TRUTH_KEY])
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo):
+    before = {"reference": _snapshot(demo.reference)} | {n: _snapshot(t) for n, t in demo.targets.items()}
+    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_CONFIG)
+    return run, before
+
+
+def test_pipeline_returns_a_new_annotated_anndata(demo, demo_run):
+    run, _ = demo_run
+    adata = run.adata
+    assert all(adata is not t for t in demo.targets.values())
+    for key in (keys.SCORE, keys.ANOMALY, keys.BATCH, keys.RESIDUAL_NORM):
+        assert key in adata.obs
+    assert adata.obsm[keys.LATENT].shape == (adata.n_obs, DEMO_CONFIG.latent_dim)
+    assert {"params", "threshold", "versions"} <= set(adata.uns[keys.UNS])
+    assert adata.uns[keys.UNS]["params"]["latent_dim"] == DEMO_CONFIG.latent_dim
+    assert adata.uns[keys.UNS]["threshold"]["method"] == "label_free"
+    assert "torch" in adata.uns[keys.UNS]["versions"]
+    scores = adata.obs[keys.SCORE].to_numpy()
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert adata.obs[keys.ANOMALY].dtype == bool
+
+
+def test_pipeline_keeps_the_targets_cells_in_order(demo, demo_run):
+    run, _ = demo_run
+    expected = [name for t in demo.targets.values() for name in t.obs_names]
+    assert list(run.adata.obs_names) == expected
+    batches = run.adata.obs[keys.BATCH].astype(str).to_numpy()
+    expected_batches = np.concatenate([np.full(t.n_obs, name) for name, t in demo.targets.items()])
+    np.testing.assert_array_equal(batches, expected_batches)
+
+
+def test_pipeline_scores_rank_the_demo_anomalies_first(demo_run):
+    run, _ = demo_run
+    assert roc_auc_score(run.adata.obs[TRUTH_KEY], run.adata.obs[keys.SCORE]) > 0.8
+
+
+def test_pipeline_leaves_its_inputs_unchanged(demo, demo_run):
+    _, before = demo_run
+    for name, adata in {"reference": demo.reference, **demo.targets}.items():
+        X, obs, var_names = before[name]
+        np.testing.assert_array_equal(adata.X.toarray(), X)
+        assert adata.obs.equals(obs)
+        assert list(adata.obs.columns) == list(obs.columns)
+        assert adata.var_names.equals(var_names)
+        assert keys.UNS not in adata.uns
+
+
+def test_pipeline_result_writes_to_h5ad_and_reads_back(demo_run, tmp_path):
+    run, _ = demo_run
+    path = tmp_path / "result.h5ad"
+    run.adata.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_array_equal(back.obs[keys.SCORE].to_numpy(), run.adata.obs[keys.SCORE].to_numpy())
+    np.testing.assert_array_equal(back.obsm[keys.LATENT], run.adata.obsm[keys.LATENT])
+    assert back.uns[keys.UNS]["threshold"]["value"] == run.adata.uns[keys.UNS]["threshold"]["value"]
+    assert list(back.obs_names) == list(run.adata.obs_names)
+
+
+def test_call_anomalies_by_fraction_calls_that_share_and_updates_uns(demo_run):
+    run, _ = demo_run
+    adata = run.adata.copy()
+    threshold = call_anomalies(adata, "fraction", 0.2)
+    called = adata.obs[keys.ANOMALY].to_numpy()
+    assert abs(int(called.sum()) - 0.2 * adata.n_obs) <= 1
+    assert adata.uns[keys.UNS]["threshold"]["method"] == "fraction"
+    assert adata.uns[keys.UNS]["threshold"]["value"] == threshold.value
+    assert sum(adata.uns[keys.UNS]["calls_per_batch"].values()) == int(called.sum())
+    # the scores themselves are not touched
+    np.testing.assert_array_equal(adata.obs[keys.SCORE], run.adata.obs[keys.SCORE])
+
+
+def test_call_anomalies_needs_scores_first(demo):
+    with pytest.raises(InputError):
+        call_anomalies(demo.targets["sample_A"].copy(), "fraction", 0.2)
+
+
+def test_pipeline_calls_need_no_labels(demo, demo_run):
+    run, _ = demo_run
+    unlabelled = detect_anomalies(
+        _strip_labels(demo.reference),
+        {name: _strip_labels(t) for name, t in demo.targets.items()},
+        n_hvg=200,
+        config=DEMO_CONFIG,
+    )
+    assert LABEL_KEY not in unlabelled.adata.obs and TRUTH_KEY not in unlabelled.adata.obs
+    np.testing.assert_array_equal(unlabelled.adata.obs[keys.SCORE].to_numpy(), run.adata.obs[keys.SCORE].to_numpy())
+    np.testing.assert_array_equal(
+        unlabelled.adata.obs[keys.ANOMALY].to_numpy(), run.adata.obs[keys.ANOMALY].to_numpy()
+    )
