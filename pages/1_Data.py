@@ -55,10 +55,11 @@ except ACsleuthError as error:
     st.stop()
 st.dataframe(overview.table, hide_index=True)
 st.markdown(overview.gene_summary)
+choices = [n for n in (1000, 2000, 3000, 5000) if n < overview.n_shared_genes] + ["all"]
 hvg = st.selectbox(
     "Highly variable genes (chosen on the reference)",
-    [1000, 2000, 3000, 5000, "all"],
-    index=2,
+    choices,
+    index=choices.index(3000) if 3000 in choices else len(choices) - 1,
     help="The detector models these genes; 'all' keeps every shared gene.",
 )
 data.n_hvg = hvg

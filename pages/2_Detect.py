@@ -1,7 +1,5 @@
 """Detect: train module I in the background, then inspect scores and set the threshold."""
 
-import time
-
 import streamlit as st
 
 from acsleuth_core import keys
@@ -11,26 +9,37 @@ from acsleuth_core.pipeline import call_anomalies, calls_per_batch
 from acsleuth_core.plots import loss_curves, score_histogram
 from acsleuth_core.runs import start_detection_run
 from acsleuth_core.runtime import resolve_device
-from pages.ui.frame import current_run, frame, job_registry, loaded_data, open_run, run_store, show_error
+from pages.ui.frame import (
+    current_run,
+    describe_progress,
+    frame,
+    job_registry,
+    loaded_data,
+    open_run,
+    run_store,
+    show_error,
+)
 
 frame("Detect")
 st.title("2 · Detect anomalous cells")
 
 data = loaded_data()
-run = current_run()
 job = job_registry().get(st.session_state.get("job_id"))
+busy = job is not None and job.status().active
 
-with st.expander("Train the detector", expanded=run is None):
+with st.expander("Train the detector", expanded=current_run() is None and not busy):
     if data is None:
         st.info("Load a reference and targets on the Data page first.")
     else:
         st.caption(f"Data: {data.source} · device: **{resolve_device('auto').type.upper()}** (detected)")
         left, right = st.columns(2)
-        epochs = left.number_input("Epochs (0 = automatic, ~2,000 mini-batches)", 0, 2000, 0, help="Passes over the reference.")
-        seed = right.number_input("Seed", 0, 2**31 - 1, 0, help="Same seed, same data → same results.")
-        memory = left.checkbox("Memory bank", True, help="Off is the paper's ablation; keep it on for real analyses.")
-        name = right.text_input("Run name", "detection")
-        busy = job is not None and job.status().active
+        epochs = left.number_input(
+            "Epochs (0 = automatic)", 0, 2000, 0, disabled=busy, key="epochs",
+            help="Passes over the reference. Automatic trains for about 2,000 mini-batches; short runs give weak scores.",
+        )
+        seed = right.number_input("Seed", 0, 2**31 - 1, 0, disabled=busy, help="Same seed, same data → same results.")
+        memory = left.checkbox("Memory bank", True, disabled=busy, help="Off is the paper's ablation; keep it on for real analyses.")
+        name = right.text_input("Run name", "detection", disabled=busy)
         if st.button("Train and score", type="primary", disabled=busy):
             config = DetectorConfig(
                 epochs=int(epochs) or None,
@@ -42,27 +51,26 @@ with st.expander("Train the detector", expanded=run is None):
             )
             st.session_state["job_id"] = job.id
             open_run(run.id)
+            st.rerun()
 
 
 @st.fragment(run_every=1.0)
 def training_progress() -> None:
     """Poll the background job; rerun the page when it ends."""
     status = job.status()
-    if status.active:
-        event = status.progress
-        if event is None:
-            st.progress(0.0, text="starting…")
-        else:
-            losses = ", ".join(f"{k} {v:.3g}" for k, v in event.losses.items())
-            speed = f" · {event.cells_per_second:,.0f} cells/s" if event.cells_per_second else ""
-            st.progress(event.fraction, text=f"{event.stage}: epoch {event.epoch}/{event.n_epochs} · {losses}{speed}")
-        if st.button("Cancel"):
-            job.cancel()
+    if not status.active:
+        st.rerun(scope="app")
+    event = status.progress
+    if event is None:
+        st.progress(0.0, text="Starting…")
     else:
-        st.rerun()
+        st.progress(event.fraction, text=describe_progress(event))
+    if st.button("Cancel training"):
+        job.cancel()
 
 
-if job is not None and job.status().active:
+if busy:
+    st.info("Training runs in the background: you can switch pages and come back.")
     training_progress()
     st.stop()
 if job is not None and job.status().state in ("failed", "cancelled"):
@@ -83,33 +91,42 @@ def result_for(run_id: str):
 
 
 adata = result_for(run.id)
-st.subheader("Anomaly scores")
-method = st.radio(
-    "Threshold",
-    ["label_free", "fraction", "manual"],
-    format_func={"label_free": "label-free (default)", "fraction": "expected anomaly fraction", "manual": "manual"}.get,
-    horizontal=True,
-)
-value = None
-if method == "fraction":
-    value = st.slider("Expected anomaly fraction", 0.01, 0.9, 0.1, 0.01)
-elif method == "manual":
-    value = st.slider("Score threshold", 0.0, 1.0, float(adata.uns[keys.UNS]["threshold"]["value"]), 0.001)
-try:
-    threshold = call_anomalies(adata, method, value)
-    run_store().save_result(run, adata)
-except (ACsleuthError, ValueError) as error:
-    show_error(error)
-    st.stop()
+saved = adata.uns[keys.UNS]["threshold"]
+scores = adata.obs[keys.SCORE]
+st.subheader(f"Anomaly scores · {run.info.get('name', run.id)}")
 
-st.plotly_chart(score_histogram(adata), use_container_width=True)
+METHOD_LABELS = {"label_free": "label-free (default)", "fraction": "expected anomaly fraction", "manual": "manual"}
+with st.form("threshold"):
+    method = st.radio(
+        "Threshold rule", list(METHOD_LABELS), index=list(METHOD_LABELS).index(saved["method"]),
+        format_func=METHOD_LABELS.get, horizontal=True,
+        help="Label-free: anchored on reference cells held out of training. The other two are your choice.",
+    )
+    left, right = st.columns(2)
+    fraction = left.number_input(
+        "Expected anomaly fraction (for 'expected anomaly fraction')", 0.001, 0.999,
+        float(saved["detail"].get("fraction", 0.1)), 0.01, format="%.3f", key="threshold_fraction",
+    )
+    manual = right.number_input(
+        "Score threshold (for 'manual')", float(scores.min()), float(scores.max()),
+        float(min(max(saved["value"], scores.min()), scores.max())), format="%.4f", key="threshold_manual",
+    )
+    if st.form_submit_button("Apply threshold"):
+        try:
+            call_anomalies(adata, method, {"fraction": fraction, "manual": manual}.get(method))
+            run_store().save_result(run, adata)
+        except (ACsleuthError, ValueError) as error:
+            show_error(error)
+
+threshold = adata.uns[keys.UNS]["threshold"]
+st.plotly_chart(score_histogram(adata), width="stretch")
 counts = calls_per_batch(adata)
 sizes = adata.obs[keys.BATCH].value_counts()
 st.dataframe(
     [{"sample": b, "cells": int(sizes[b]), "called anomalous": n, "share": f"{n / sizes[b]:.1%}"} for b, n in counts.items()],
     hide_index=True,
 )
-st.caption(f"Threshold {threshold.value:.4f} ({threshold.method}).")
+st.caption(f"Cells scoring above {threshold['value']:.4g} are called anomalous ({METHOD_LABELS[threshold['method']]}).")
 with st.expander("Training curves"):
-    st.plotly_chart(loss_curves(adata), use_container_width=True)
+    st.plotly_chart(loss_curves(adata), width="stretch")
 st.page_link("pages/3_Export.py", label="Next: export the annotated cells", icon="➡️")

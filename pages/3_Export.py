@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from acsleuth_core import keys
 from acsleuth_core.export import cell_table, provenance, table_bytes
 from acsleuth_core.runs import MODEL_DIR, RESULT_FILE
 from pages.ui.frame import current_run, frame
@@ -20,12 +21,18 @@ if run is None or not run.has_result:
 adata = run.load_result()
 table = cell_table(adata)
 meta = provenance(adata)
-st.markdown(f"Run **{run.info.get('name', run.id)}**: {len(table):,} cells, {int(table['acsleuth_anomaly'].sum()):,} called anomalous.")
+threshold = adata.uns[keys.UNS]["threshold"]
+st.markdown(
+    f"Run **{run.info.get('name', run.id)}**: {len(table):,} cells, "
+    f"**{int(table[keys.ANOMALY].sum()):,}** called anomalous "
+    f"(score above {threshold['value']:.4g}, rule: {threshold['method'].replace('_', '-')})."
+)
+st.caption("Column names are the documented AnnData keys (see the README); every table starts with its provenance.")
 st.dataframe(table.head(200), hide_index=True)
 with st.expander("Provenance written into every table"):
     st.json(meta)
 
-left, middle, right, last = st.columns(4)
+left, middle, right, last = st.columns(4, gap="small")
 left.download_button("Cell table (CSV)", table_bytes(table, "csv", meta), "acsleuth_cells.csv", "text/csv")
 middle.download_button("Cell table (Parquet)", table_bytes(table, "parquet", meta), "acsleuth_cells.parquet")
 right.download_button("Annotated AnnData (.h5ad)", (run.folder / RESULT_FILE).read_bytes(), "acsleuth_result.h5ad")

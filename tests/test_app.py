@@ -60,7 +60,7 @@ def test_a_bad_server_path_shows_its_error_in_the_page():
 def _train_demo(at: AppTest) -> AppTest:
     at.session_state["data"] = demo_data()
     at.run()
-    at.number_input[0].set_value(25)
+    at.number_input(key="epochs").set_value(25)
     [b for b in at.button if b.label == "Train and score"][0].click().run()
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -83,12 +83,18 @@ def test_training_runs_in_the_background_and_shows_the_histogram():
 def test_threshold_change_updates_the_counts():
     at = _train_demo(page("pages/2_Detect.py"))
     before = at.dataframe[0].value["called anomalous"].sum()
-    at.radio[0].set_value("fraction").run()
-    at.slider[0].set_value(0.5).run()
+    at.radio[0].set_value("fraction")
+    at.number_input(key="threshold_fraction").set_value(0.5)
+    [b for b in at.button if b.label == "Apply threshold"][0].click().run()
     after = at.dataframe[0].value["called anomalous"].sum()
     n_cells = at.dataframe[0].value["cells"].sum()
     assert after == pytest.approx(0.5 * n_cells, abs=2)
     assert after != before
+    reopened = page("pages/2_Detect.py")
+    reopened.session_state["run_id"] = at.session_state["run_id"]
+    reopened.run()
+    assert reopened.radio[0].value == "fraction", "the saved rule is shown again, not reset"
+    assert reopened.dataframe[0].value["called anomalous"].sum() == after
 
 
 def test_export_page_offers_every_download_after_a_run():
@@ -112,3 +118,15 @@ def test_a_refresh_reopens_the_run_named_in_the_url():
     fresh.run()
     assert not fresh.exception
     assert fresh.get("plotly_chart"), "a new session with ?run=<id> should show the finished run"
+
+
+def test_a_bad_upload_shows_its_error_in_the_page():
+    at = page("pages/1_Data.py").run()
+    at.file_uploader(key="reference_upload").set_value(("reference.csv", b"cell,g1,g2\nc1,1,2\nc2,nan,3\n", "text/csv"))
+    at.file_uploader(key="target_upload").set_value([("target.xlsx", b"not a table", "application/octet-stream")])
+    at.run()
+    [b for b in at.button if b.label == "Read uploaded files"][0].click().run()
+    assert not at.exception
+    assert at.error, "a bad upload must be explained in the page"
+    message = at.error[0].value
+    assert "reference.csv" in message and ("NaN" in message or "missing" in message.lower())

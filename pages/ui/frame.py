@@ -21,10 +21,12 @@ from acsleuth_core.runs import Run, RunStore
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STEPS = [
-    ("Data", "pages/1_Data.py", "a reference of normal cells and at least one target"),
-    ("Detect", "pages/2_Detect.py", "loaded data (Data step)"),
-    ("Export", "pages/3_Export.py", "a finished detection run"),
+    ("Data", "a reference of normal cells and at least one target"),
+    ("Detect", "loaded data (Data step)"),
+    ("Export", "a finished detection run"),
 ]
+#: how training stages are named to the user
+STAGE_LABELS = {"module I": "Training the reconstruction model", "predictor": "Training the anomaly predictor"}
 
 
 @dataclass
@@ -61,15 +63,21 @@ def frame(step: str) -> None:
     _restore_run_from_url()
     if "--demo" in sys.argv[1:] and "data" not in st.session_state:
         set_loaded_data(demo_data())
+    data, run = loaded_data(), current_run()
+    if run is not None:
+        st.query_params["run"] = run.id
     with st.sidebar:
         st.markdown("**Analysis steps**")
-        data, run = loaded_data(), current_run()
-        done = {"Data": data is not None, "Detect": run is not None and run.has_result, "Export": False}
-        for name, _, needs in STEPS:
-            mark = "✅" if done[name] else ("▶️" if name == step else "○")
-            st.markdown(f"{mark} **{name}** — needs {needs}")
+        ready = {"Data": data is not None, "Detect": run is not None and run.has_result}
+        for name, needs in STEPS:
+            if ready.get(name):
+                st.markdown(f"✓ **{name}** · done")
+            elif name == "Export" and ready["Detect"]:
+                st.markdown(f"→ **{name}** · ready")
+            else:
+                st.markdown(f"{'→' if name == step else '·'} **{name}** · needs {needs}")
         if run is not None:
-            st.caption(f"Run: {run.info.get('name', run.id)} ({run.info.get('status')})")
+            st.caption(f"Current run: {run.info.get('name', run.id)} ({run.info.get('status')})")
         st.caption(f"Runs are saved in `{run_store().root}`")
 
 
@@ -112,6 +120,17 @@ def _restore_run_from_url() -> None:
         except ACsleuthError:
             return
         st.session_state["run_id"] = run_id
+
+
+def describe_progress(event) -> str:
+    """One line for a progress bar: stage, epoch and the headline loss, in plain words."""
+    stage = STAGE_LABELS.get(event.stage, event.stage)
+    text = f"{stage}: epoch {event.epoch}/{event.n_epochs}"
+    if "reconstruction" in event.losses:
+        text += f" · reconstruction error {event.losses['reconstruction']:.3f}"
+    if event.cells_per_second:
+        text += f" · {event.cells_per_second:,.0f} cells/s"
+    return text
 
 
 def show_error(error: Exception) -> None:
