@@ -1,0 +1,113 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright against `streamlit run app.py`.
+
+Screenshots land in ``test-artifacts/`` for a person to look at.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+DEMO_TARGET_CELLS = 393
+
+if not CHROMIUM.exists():
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is missing in CI: tests/install_browser.sh should have installed it", pytrace=False)
+    pytest.skip("Chromium is not installed (run tests/install_browser.sh as root)", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A Streamlit server on localhost with the demo loaded and its own run folder."""
+    port = _free_port()
+    env = {**os.environ, "ACSLEUTH_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+               "--server.headless", "true", "--server.address", "127.0.0.1", "--", "--demo"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the Streamlit server did not start within 60 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_demo_trains_shows_scores_exports_and_survives_a_refresh(server, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.goto(f"{server}/Detect")
+    epochs = page.get_by_role("spinbutton", name="Epochs (0 = automatic)")
+    epochs.fill("20")
+    epochs.press("Enter")
+    page.get_by_role("button", name="Train and score").click()
+    page.get_by_text("Anomaly scores").wait_for(timeout=240_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    _shot(page, "detect_histogram")
+    run_url = page.url
+    assert "run=" in run_url
+
+    page.get_by_role("link", name="Next: export the annotated cells").click()
+    page.get_by_role("button", name="Cell table (CSV)").wait_for(timeout=60_000)
+    _shot(page, "export")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Cell table (CSV)").click()
+    lines = Path(download.value.path()).read_text().splitlines()
+    provenance = [line for line in lines if line.startswith("#")]
+    rows = [line for line in lines if not line.startswith("#")]
+    assert any("ACsleuth Studio" in line for line in provenance)
+    assert rows[0].split(",")[:3] == ["cell", "acsleuth_batch", "acsleuth_score"]
+    assert len(rows) - 1 == DEMO_TARGET_CELLS
+    context.close()
+
+    refreshed = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    refreshed.goto(run_url)
+    refreshed.get_by_text("Anomaly scores").wait_for(timeout=60_000)
+    refreshed.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    _shot(refreshed, "detect_after_refresh")
+    refreshed.context.close()
