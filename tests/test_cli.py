@@ -1,0 +1,101 @@
+"""The acsleuth command line, end to end on the built-in demo."""
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from acsleuth_core import keys
+from acsleuth_core.cli import main
+
+QUICK = ["--epochs", "15", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_files):
+    out = demo_files / "annotated.h5ad"
+    table = demo_files / "cells.csv"
+    model = demo_files / "model"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"),
+        "--target", str(demo_files / "sample_A.h5ad"), str(demo_files / "sample_B.h5ad"),
+        "--out", str(out), "--table", str(table), "--save-model", str(model), *QUICK,
+    ])
+    assert code == 0
+    return out, table, model
+
+
+def test_demo_command_writes_reference_and_two_samples(demo_files):
+    names = sorted(p.name for p in demo_files.glob("*.h5ad"))
+    assert {"reference.h5ad", "sample_A.h5ad", "sample_B.h5ad"} <= set(names)
+
+
+def test_run_writes_annotated_anndata_and_cell_table(demo_run, demo_files):
+    out, table, _ = demo_run
+    adata = ad.read_h5ad(out)
+    targets = [ad.read_h5ad(demo_files / f"sample_{s}.h5ad") for s in "AB"]
+    assert list(adata.obs_names) == [n for t in targets for n in t.obs_names]
+    assert set(adata.obs[keys.BATCH]) == {"sample_A", "sample_B"}
+    assert adata.obs[keys.SCORE].between(0, 1).all()
+    assert adata.obsm[keys.LATENT].shape[0] == adata.n_obs
+    cells = pd.read_csv(table)
+    assert len(cells) == adata.n_obs
+    np.testing.assert_allclose(cells[keys.SCORE].to_numpy(), adata.obs[keys.SCORE].to_numpy())
+    assert cells[keys.ANOMALY].sum() == adata.obs[keys.ANOMALY].sum()
+
+
+def test_a_saved_model_scores_new_targets_identically_without_retraining(demo_run, demo_files, tmp_path):
+    out, _, model = demo_run
+    again = tmp_path / "again.h5ad"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"),
+        "--target", str(demo_files / "sample_A.h5ad"), str(demo_files / "sample_B.h5ad"),
+        "--out", str(again), "--model", str(model), *QUICK,
+    ])
+    assert code == 0
+    np.testing.assert_array_equal(ad.read_h5ad(again).obs[keys.SCORE], ad.read_h5ad(out).obs[keys.SCORE])
+
+
+def test_expected_fraction_overrides_the_label_free_call(demo_run, demo_files, tmp_path):
+    _, _, model = demo_run
+    out = tmp_path / "fraction.h5ad"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--out", str(out), "--model", str(model), "--expected-fraction", "0.25",
+    ])
+    assert code == 0
+    adata = ad.read_h5ad(out)
+    assert abs(adata.obs[keys.ANOMALY].sum() - 0.25 * adata.n_obs) <= 1
+    assert adata.uns[keys.UNS]["threshold"]["method"] == "fraction"
+
+
+def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
+    missing = tmp_path / "nope.h5ad"
+    result = subprocess.run(
+        [sys.executable, "-m", "acsleuth_core.cli", "run", "--reference", str(missing),
+         "--target", str(missing), "--out", str(tmp_path / "o.h5ad")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("acsleuth:")]
+    assert len(lines) == 1 and "nope.h5ad" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_counts_declared_as_log_is_refused_with_the_fix(demo_files, tmp_path):
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--out", str(tmp_path / "o.h5ad"), "--input-kind", "log", "--epochs", "1",
+    ])
+    assert code == 2
