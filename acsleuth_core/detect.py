@@ -139,14 +139,7 @@ class AnomalyDetector:
         train_idx, holdout_idx = _split_holdout(X.shape[0], cfg.holdout_fraction, cfg.seed)
         X_train = X[train_idx]
         self.genes = list(genes)
-        self.generator = ReconstructionGenerator(
-            len(genes),
-            hidden_dims=cfg.hidden_dims,
-            latent_dim=cfg.latent_dim,
-            memory_size=cfg.memory_size,
-            temperature=cfg.temperature,
-            dropout=cfg.dropout,
-        ).to(device)
+        self.generator = _new_generator(cfg, len(genes)).to(device)
         critic = critic_network(len(genes)).to(device)
         adversarial = AdversarialConfig(
             epochs=cfg.n_epochs(X_train.shape[0]),
@@ -310,17 +303,9 @@ class AnomalyDetector:
             raise ModelError(f"{folder} is not a saved ACsleuth model: missing {', '.join(missing)}.")
         meta = json.loads((folder / CONFIG_FILE).read_text())
         detector = cls(DetectorConfig.from_json(meta["config"]))
-        cfg = detector.config
         detector.genes = list(meta["genes"])
         detector.history = meta.get("history", {})
-        detector.generator = ReconstructionGenerator(
-            len(detector.genes),
-            hidden_dims=cfg.hidden_dims,
-            latent_dim=cfg.latent_dim,
-            memory_size=cfg.memory_size,
-            temperature=cfg.temperature,
-            dropout=cfg.dropout,
-        )
+        detector.generator = _new_generator(detector.config, len(detector.genes))
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         detector.generator.load_state_dict(state)
         detector.generator.eval()
@@ -335,6 +320,17 @@ class AnomalyDetector:
     def _require_fitted(self) -> None:
         if self.generator is None:
             raise ModelError("The detector has not been trained yet: call fit() or load a saved model.")
+
+
+def _new_generator(config: DetectorConfig, n_genes: int) -> ReconstructionGenerator:
+    return ReconstructionGenerator(
+        n_genes,
+        hidden_dims=config.hidden_dims,
+        latent_dim=config.latent_dim,
+        memory_size=config.memory_size,
+        temperature=config.temperature,
+        dropout=config.dropout,
+    )
 
 
 def _as_csr(X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
