@@ -135,19 +135,20 @@ def start_detection_run(
     name: str,
     n_hvg: int | str,
     config: DetectorConfig,
+    batch_key: Optional[str] = None,
 ) -> tuple[Run, Job]:
     """Create a run folder and train + score in a background job that saves into it.
 
     The run's status on disk follows the job: ``done`` (with model and
     result), ``failed`` (with the message) or ``cancelled``.
     """
-    params = {"n_hvg": n_hvg, **config.to_json(), "targets": list(targets)}
+    params = {"n_hvg": n_hvg, "batch_key": batch_key, **config.to_json(), "targets": list(targets)}
     run = store.create(name, params)
 
     def work(progress, cancel):
         try:
             result = detect_anomalies(
-                reference, targets, n_hvg=n_hvg, config=config, progress=progress, cancel=cancel
+                reference, targets, batch_key=batch_key, n_hvg=n_hvg, config=config, progress=progress, cancel=cancel
             )
             summary = {"cells": int(result.adata.n_obs), "calls_per_batch": calls_per_batch(result.adata)}
             return store.finish(run, result.adata, result.detector, summary)

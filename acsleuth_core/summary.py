@@ -40,6 +40,25 @@ def describe_inputs(reference: ad.AnnData, targets: Mapping[str, ad.AnnData]) ->
     return InputOverview(pd.DataFrame(rows), summary, len(shared))
 
 
+def shared_obs_columns(targets: Mapping[str, ad.AnnData], max_levels: int = 50) -> list[str]:
+    """Categorical-looking obs columns present in every target: candidates for a batch column."""
+    common = None
+    for target in targets.values():
+        columns = {c for c in target.obs.columns if 1 <= target.obs[c].nunique() <= max_levels}
+        common = columns if common is None else common & columns
+    return sorted(common or [])
+
+
+def batch_sizes(targets: Mapping[str, ad.AnnData], batch_key: str | None = None) -> pd.DataFrame:
+    """Cells per batch: one batch per target, or per value of ``batch_key`` across targets."""
+    if batch_key is None:
+        rows = [{"batch": name, "cells": t.n_obs} for name, t in targets.items()]
+    else:
+        values = pd.concat([t.obs[batch_key].astype(str) for t in targets.values()])
+        rows = [{"batch": b, "cells": int(n)} for b, n in values.value_counts(sort=False).sort_index().items()]
+    return pd.DataFrame(rows)
+
+
 def _row(name: str, role: str, adata: ad.AnnData) -> dict:
     kind = detect_value_kind(adata.X, name=name)
     return {

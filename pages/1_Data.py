@@ -3,7 +3,7 @@
 import streamlit as st
 
 from acsleuth_core.errors import ACsleuthError
-from acsleuth_core.summary import describe_inputs
+from acsleuth_core.summary import batch_sizes, describe_inputs, shared_obs_columns
 from pages.ui.frame import LoadedData, demo_data, frame, loaded_data, set_loaded_data, show_error
 from pages.ui.uploads import dataset_name, read_server_path, read_upload, upload_limit_bytes
 
@@ -63,4 +63,12 @@ hvg = st.selectbox(
     help="The detector models these genes; 'all' keeps every shared gene.",
 )
 data.n_hvg = hvg
+EACH_FILE = "each target file is one sample"
+batch_choice = st.selectbox(
+    "Batches",
+    [EACH_FILE, *shared_obs_columns(data.targets)],
+    help="Cells of one batch share technical effects. Pick an obs column if a file holds several samples.",
+)
+data.batch_key = None if batch_choice == EACH_FILE else batch_choice
+st.dataframe(batch_sizes(data.targets, data.batch_key), hide_index=True)
 st.page_link("pages/2_Detect.py", label="Next: train the detector", icon="➡️")

@@ -47,7 +47,8 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
                 memory_size=DetectorConfig.memory_size if memory else 0,
             )
             run, job = start_detection_run(
-                run_store(), job_registry(), data.reference, data.targets, name=name, n_hvg=data.n_hvg, config=config
+                run_store(), job_registry(), data.reference, data.targets,
+                name=name, n_hvg=data.n_hvg, batch_key=data.batch_key, config=config,
             )
             st.session_state["job_id"] = job.id
             open_run(run.id)

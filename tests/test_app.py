@@ -130,3 +130,15 @@ def test_a_bad_upload_shows_its_error_in_the_page():
     assert at.error, "a bad upload must be explained in the page"
     message = at.error[0].value
     assert "reference.csv" in message and ("NaN" in message or "missing" in message.lower())
+
+
+def test_batches_can_come_from_an_obs_column():
+    at = page("pages/1_Data.py").run()
+    at.button[0].click().run()
+    batches = at.selectbox[1]
+    assert batches.options[0] == "each target file is one sample"
+    assert "cell_type" in batches.options
+    assert list(at.dataframe[1].value["batch"]) == ["sample_A", "sample_B"]
+    batches.set_value("cell_type").run()
+    assert at.session_state["data"].batch_key == "cell_type"
+    assert at.dataframe[1].value["cells"].sum() == 393

@@ -37,6 +37,7 @@ class LoadedData:
     targets: dict[str, ad.AnnData]
     source: str
     n_hvg: int | str = 3000
+    batch_key: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
 
