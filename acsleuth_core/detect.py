@@ -375,5 +375,10 @@ def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> np.ndarra
     return stats.rankdata(base) / base.size
 
 
-def _mean_square(features: np.ndarray) -> np.ndarray:
-    return np.maximum((features.astype(np.float64) ** 2).mean(axis=1), 1e-12)
+def _mean_square(features: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Each row's mean square, in row chunks so no float64 copy of the whole matrix is made."""
+    out = np.empty(features.shape[0], dtype=np.float64)
+    for start in range(0, features.shape[0], chunk):
+        block = features[start : start + chunk].astype(np.float64)
+        out[start : start + chunk] = np.einsum("ij,ij->i", block, block) / features.shape[1]
+    return np.maximum(out, 1e-12)

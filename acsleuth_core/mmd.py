@@ -4,7 +4,9 @@ The predictor ``f_p`` maps a cell's reconstruction residual to ``p ∈ (0, 1)``.
 Training minimises ``L_p = −Σ_{i≠j} k(δ_i, δ_j) γ_c(p_i, p_j)``: the negative
 squared MMD between the soft "normal" and "anomalous" groups. The double sum
 is never formed over all cells: a uniform mini-batch of B cells, rescaled by
-``N(N−1) / (B(B−1))``, is an unbiased estimate of it for fixed soft counts.
+``N(N−1) / (B(B−1))``, is an unbiased estimate of it for fixed soft counts;
+during training the counts are estimated from the same mini-batch's current
+predictions, so they move with ``p``.
 
 Note on eq. 11: as printed, its two mixed terms carry the wrong sign (at
 ``p_i → 0, p_j → 1`` it tends to ``+1/(mn)``, not eq. 10's ``−1/(mn)``).
@@ -65,9 +67,15 @@ def minibatch_loss(
     return -scale * pair_sum(features, p, m, n, bandwidth)
 
 
-def soft_counts(p: torch.Tensor, n_total: int) -> tuple[float, float]:
-    """``(m, n) = (Σ(1 − p), Σ p)``, clamped so both groups hold at least two cells."""
-    n = float(p.sum().clamp(2.0, n_total - 2.0))
+def soft_counts(p: torch.Tensor, n_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft counts ``(m, n) = (Σ(1 − p), Σ p)`` of all ``n_total`` cells, estimated from the
+    ``p`` given (all cells, or a mini-batch scaled up), clamped so both groups keep two cells.
+
+    They stay functions of ``p`` (gradients flow through them): with counts
+    frozen, raising every ``p`` at once would raise eq. 12 more than
+    separating the groups does, and the predictor collapses to a constant.
+    """
+    n = (p.mean() * n_total).clamp(2.0, n_total - 2.0)
     return n_total - n, n
 
 
@@ -125,9 +133,6 @@ def fit_predictor(
     bce = nn.BCEWithLogitsLoss()
     for epoch in range(1, n_epochs + 1):
         warm = epoch <= config.warmup_epochs
-        if not warm:
-            with torch.no_grad():
-                m, n = soft_counts(torch.sigmoid(predictor(x)), n_cells)
         total, steps = 0.0, 0
         for idx in torch.randperm(n_cells, generator=generator).split(batch_size):
             check_cancel(cancel)
@@ -137,7 +142,9 @@ def fit_predictor(
             if warm:
                 loss = bce(logits, targets[idx])
             else:
-                loss = minibatch_loss(x[idx], torch.sigmoid(logits), m, n, n_cells, bandwidth)
+                p = torch.sigmoid(logits)
+                m, n = soft_counts(p, n_cells)
+                loss = minibatch_loss(x[idx], p, m, n, n_cells, bandwidth)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

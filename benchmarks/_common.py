@@ -31,6 +31,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time this process has used so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def current_rss_mib() -> float:
     """This process's resident set size now (``VmRSS``)."""
     with open("/proc/self/status") as status:
@@ -54,10 +60,12 @@ def run_in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
 class RssSampler:
     """Sample this process's RSS in a background thread and attribute it to named phases.
 
-    ``mark(name)`` starts a new phase; ``phases()`` gives each phase's peak
-    RSS and duration. Used to find which step of a run sets the peak.
+    Entering starts phase ``first_phase``; ``mark(name)`` starts the next;
+    ``phases()`` gives each phase's peak RSS and duration. Used to find which
+    step of a run sets the peak.
     """
 
+    first_phase: str = "start"
     interval: float = 0.02
     _marks: list[tuple[float, str]] = field(default_factory=list)
     _samples: list[tuple[float, float]] = field(default_factory=list)
@@ -65,7 +73,7 @@ class RssSampler:
     _thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "RssSampler":
-        self.mark("start")
+        self.mark(self.first_phase)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -158,6 +166,40 @@ def calls_per_sample(truth: np.ndarray, calls: np.ndarray, batches: np.ndarray) 
 
 
 # ------------------------------------------------------------------ reporting
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "acsleuth_core"
+
+
+def package_digests() -> dict[str, str]:
+    """sha1 of every acsleuth_core source file, by path relative to the package."""
+    import hashlib
+
+    return {
+        str(path.relative_to(PACKAGE_DIR)): hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+    }
+
+
+def code_state(digests: Mapping[str, str]) -> str:
+    """The package benchmarked: HEAD commit, files differing from it, and a digest of all sources."""
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PACKAGE_DIR.parent, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("diff", "HEAD", "--name-only", "--", "acsleuth_core").split()
+    total = hashlib.sha1("".join(f"{k}{v}" for k, v in digests.items()).encode()).hexdigest()[:10]
+    changes = f"uncommitted changes to {', '.join(dirty)}" if dirty else "no uncommitted changes"
+    return f"commit {head}, {changes}; acsleuth_core sources sha1 {total}"
+
+
+def changed_since(digests: Mapping[str, str]) -> list[str]:
+    """acsleuth_core files whose content differs now from ``digests`` (added and removed included)."""
+    now = package_digests()
+    return sorted(name for name in set(now) | set(digests) if now.get(name) != digests.get(name))
+
+
 def reproduce_command(script: str, options: Mapping[str, Any]) -> str:
     """The shell command that reruns ``script`` with ``options`` (lists become repeated values)."""
     parts = ["python", script]
@@ -190,6 +232,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def write_json(name: str, data: Any) -> Path:
+    """Write ``data`` as JSON to ``benchmarks/results/<name>`` (raw numbers behind a report)."""
+    import json
+
+    return write_result(name, json.dumps(data, indent=1, default=float) + "\n")
 
 
 def write_result(name: str, text: str) -> Path:

@@ -104,7 +104,7 @@ def _grouped_cells(n_cells: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def test_minibatch_loss_matches_full_loss_exactly_in_expectation_over_all_subsets():
     x, p = _grouped_cells(7, seed=3)
-    m, n = soft_counts(p, 7)
+    m, n = (float(v) for v in soft_counts(p, 7))
     h = 1.5
     full = -float(pair_sum(x, p, m, n, h))
     subsets = list(itertools.combinations(range(7), 3))
@@ -116,7 +116,7 @@ def test_minibatch_loss_matches_full_loss_exactly_in_expectation_over_all_subset
 def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_loss():
     n_cells, batch, draws = 15, 6, 3000
     x, p = _grouped_cells(n_cells, seed=4)
-    m, n = soft_counts(p, n_cells)
+    m, n = (float(v) for v in soft_counts(p, n_cells))
     h = 1.5
     full = -float(pair_sum(x, p, m, n, h))
     rng = np.random.default_rng(5)
@@ -134,7 +134,7 @@ def test_minibatch_loss_is_an_unbiased_estimate_of_the_full_loss():
 
 def test_minibatch_loss_over_all_cells_is_minus_the_full_pair_sum():
     x, p = _grouped_cells(10, seed=6)
-    m, n = soft_counts(p, 10)
+    m, n = (float(v) for v in soft_counts(p, 10))
     assert float(minibatch_loss(x, p, m, n, 10, 1.0)) == pytest.approx(-float(pair_sum(x, p, m, n, 1.0)), rel=1e-12)
 
 
@@ -160,14 +160,14 @@ def test_hard_labels_give_minus_the_unbiased_mmd2_between_the_groups():
 # ------------------------------------------------------------------ soft counts
 def test_soft_counts_are_the_sums_of_p_and_one_minus_p():
     p = torch.tensor([0.1, 0.9, 0.5, 0.25, 0.75, 0.5, 0.0, 1.0])
-    m, n = soft_counts(p, 8)
+    m, n = (float(v) for v in soft_counts(p, 8))
     assert n == pytest.approx(4.0)
     assert m == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("value, expected_n", [(0.0, 2.0), (1.0, 8.0), (0.01, 2.0), (0.99, 8.0)])
 def test_soft_counts_clamp_so_both_groups_keep_two_cells(value, expected_n):
-    m, n = soft_counts(torch.full((10,), value), 10)
+    m, n = (float(v) for v in soft_counts(torch.full((10,), value), 10))
     assert n == pytest.approx(expected_n)
     assert m == pytest.approx(10 - expected_n)
     assert min(m, n) >= 2
