@@ -7,14 +7,11 @@ target's reconstruction residuals into anomaly probabilities with the
 MMD-trained predictor and makes the label-free call.
 
 Scoring a target, in order:
-1. per-batch input offsets: under the paper's model ``x = x* + b + ε`` a batch
-   effect ``b`` shows up as a residual shared by the batch's normal cells;
-   it is estimated from the batch's lower-scoring cells and removed (twice);
-2. residuals ``δ = x − x̂`` are divided by each gene's residual spread on the
+1. residuals ``δ = x − x̂`` are divided by each gene's residual spread on the
    reference, so no gene dominates because it is highly expressed;
-3. the predictor ``f_p`` is warm-started on the mean squared normalised
+2. the predictor ``f_p`` is warm-started on the mean squared normalised
    residual and trained with the MMD objective (eq. 12) on the target;
-4. the call is anchored on the held-out reference cells (see :mod:`threshold`).
+3. the call is anchored on the held-out reference cells (see :mod:`threshold`).
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ class DetectorConfig:
     beta: float = 0.05
     gp_weight: float = 10.0
     holdout_fraction: float = 0.2
-    batch_offsets: bool = False
     residual_clip: float = 10.0
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     seed: int = 0
@@ -99,7 +95,6 @@ class DetectionResult:
     batches: np.ndarray
     threshold: thr.Threshold
     reference_scores: np.ndarray
-    batch_offset_norms: dict[str, float]
 
     def rethreshold(self, threshold: thr.Threshold) -> "DetectionResult":
         """The same scores under another cut-off."""
@@ -118,7 +113,6 @@ class AnomalyDetector:
         self.history: dict[str, list[float]] = {}
         self._holdout: Optional[sp.csr_matrix] = None
         self._gene_scale: Optional[np.ndarray] = None
-        self._reference_residual_mean: Optional[np.ndarray] = None
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -168,9 +162,8 @@ class AnomalyDetector:
             cancel=cancel,
         )
         self.generator.cpu()
-        train_residuals = np.vstack([d for _, d, _ in self._residual_batches(X_train, None)])
+        train_residuals = np.vstack([d for _, d, _ in self._residual_batches(X_train)])
         self._gene_scale = _robust_gene_scale(train_residuals)
-        self._reference_residual_mean = train_residuals.mean(axis=0)
         self._holdout = X[holdout_idx]
         return self
 
@@ -194,10 +187,8 @@ class AnomalyDetector:
             )
         batches = np.asarray(batches if batches is not None else np.full(X.shape[0], "target"), dtype=str)
         generator_rng = seed_everything(cfg.seed + 1)
-        offsets = self._estimate_batch_offsets(X, batches, cancel) if cfg.batch_offsets else {}
-        row_offsets = _row_offsets(batches, offsets, X.shape[1])
-        features, residual_norm, latent = self._features(X, row_offsets, cancel)
-        holdout_features, _, _ = self._features(self._holdout, None, cancel)
+        features, residual_norm, latent = self._features(X, cancel)
+        holdout_features, _, _ = self._features(self._holdout, cancel)
         base = _mean_square(features)
         base_holdout = _mean_square(holdout_features)
         warm = _warm_start_targets(np.log(base), np.log(base_holdout))
@@ -215,34 +206,17 @@ class AnomalyDetector:
             batches=batches,
             threshold=threshold,
             reference_scores=reference_scores,
-            batch_offset_norms={b: float(np.linalg.norm(v)) for b, v in offsets.items()},
         )
 
-    def _estimate_batch_offsets(
-        self, X: sp.csr_matrix, batches: np.ndarray, cancel: Optional[CancelToken], rounds: int = 2, share: float = 0.4
-    ) -> dict[str, np.ndarray]:
-        """Per-batch shift in input space, from the residuals of each batch's most normal-looking cells."""
-        offsets = {b: np.zeros(X.shape[1], dtype=np.float32) for b in np.unique(batches)}
-        for _ in range(rounds):
-            for b in offsets:
-                rows = np.nonzero(batches == b)[0]
-                residuals = np.vstack(
-                    [d for _, d, _ in self._residual_batches(X[rows], offsets[b][None, :], cancel)]
-                )
-                base = _mean_square(residuals / self._gene_scale)
-                quiet = base <= np.quantile(base, share)
-                offsets[b] = offsets[b] + residuals[quiet].mean(axis=0) - self._reference_residual_mean
-        return offsets
-
     def _features(
-        self, X: sp.csr_matrix, row_offsets: Optional[np.ndarray], cancel: Optional[CancelToken]
+        self, X: sp.csr_matrix, cancel: Optional[CancelToken]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalised, clipped residuals; raw residual norms; latents."""
         clip = self.config.residual_clip
         features = np.empty(X.shape, dtype=np.float32)
         norms = np.empty(X.shape[0], dtype=np.float64)
         latent = np.empty((X.shape[0], self.config.latent_dim), dtype=np.float32)
-        for rows, residual, z in self._residual_batches(X, row_offsets, cancel):
+        for rows, residual, z in self._residual_batches(X, cancel):
             features[rows] = np.clip(residual / self._gene_scale, -clip, clip)
             norms[rows] = np.linalg.norm(residual, axis=1)
             latent[rows] = z
@@ -250,20 +224,14 @@ class AnomalyDetector:
 
     @torch.no_grad()
     def _residual_batches(
-        self,
-        X: sp.csr_matrix,
-        row_offsets: Optional[np.ndarray],
-        cancel: Optional[CancelToken] = None,
-        batch_size: int = 2048,
+        self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None, batch_size: int = 2048
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield ``(rows, x − offset − x̂, latent)`` in row order, batch by batch."""
+        """Yield ``(rows, x − x̂, latent)`` in row order, batch by batch."""
         self.generator.eval()
         for start in range(0, X.shape[0], batch_size):
             check_cancel(cancel)
             rows = slice(start, min(start + batch_size, X.shape[0]))
             x = X[rows].toarray().astype(np.float32)
-            if row_offsets is not None:
-                x = x - (row_offsets[rows] if row_offsets.shape[0] == X.shape[0] else row_offsets)
             out = self.generator(torch.from_numpy(x))
             yield rows, x - out.expression.numpy(), out.latent.numpy()
 
@@ -271,7 +239,7 @@ class AnomalyDetector:
     def encode(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         """Module-I latent vectors of cells on the model's genes."""
         self._require_fitted()
-        return np.vstack([z for _, _, z in self._residual_batches(_as_csr(X), None)])
+        return np.vstack([z for _, _, z in self._residual_batches(_as_csr(X))])
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
@@ -290,7 +258,6 @@ class AnomalyDetector:
             holdout_indptr=h.indptr,
             holdout_shape=np.array(h.shape),
             gene_scale=self._gene_scale,
-            reference_residual_mean=self._reference_residual_mean,
         )
         return folder
 
@@ -314,7 +281,6 @@ class AnomalyDetector:
                 (cal["holdout_data"], cal["holdout_indices"], cal["holdout_indptr"]), shape=tuple(cal["holdout_shape"])
             )
             detector._gene_scale = cal["gene_scale"]
-            detector._reference_residual_mean = cal["reference_residual_mean"]
         return detector
 
     def _require_fitted(self) -> None:
@@ -355,15 +321,6 @@ def _robust_gene_scale(residuals: np.ndarray) -> np.ndarray:
     scale = np.sqrt((residuals.astype(np.float64) ** 2).mean(axis=0))
     floor = max(float(np.quantile(scale, 0.1)), 1e-3)
     return np.maximum(scale, floor).astype(np.float32)
-
-
-def _row_offsets(batches: np.ndarray, offsets: dict[str, np.ndarray], n_genes: int) -> Optional[np.ndarray]:
-    if not offsets:
-        return None
-    out = np.zeros((batches.size, n_genes), dtype=np.float32)
-    for b, v in offsets.items():
-        out[batches == b] = v
-    return out
 
 
 def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> np.ndarray:

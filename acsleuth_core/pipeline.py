@@ -82,7 +82,6 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
         "history": {k: np.asarray(v, dtype=np.float64) for k, v in detector.history.items()},
         "genes": {"n_model_genes": len(detector.genes), "matching": prepared.gene_report.summary()},
         "input_kinds": dict(prepared.input_kinds),
-        "batch_offset_norms": dict(result.batch_offset_norms),
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
