@@ -96,12 +96,6 @@ class DetectionResult:
     threshold: thr.Threshold
     reference_scores: np.ndarray
 
-    def rethreshold(self, threshold: thr.Threshold) -> "DetectionResult":
-        """The same scores under another cut-off."""
-        self.threshold = threshold
-        self.calls = thr.call(self.scores, threshold)
-        return self
-
 
 class AnomalyDetector:
     """Module I of ACsleuth: fit on normal reference cells, score target cells."""

@@ -28,6 +28,8 @@ DECLARED_KINDS = ("auto", "counts", "log")
 TARGET_SUM = 1e4
 LOG_MAX = 50.0
 KIND_SAMPLE_SIZE = 200_000
+#: fewest genes reference and targets must share
+MIN_SHARED_GENES = 200
 MIN_NONZERO_SAMPLE = 1_000
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
 SCALED_FIX = (
@@ -115,10 +117,13 @@ def normalise(adata: ad.AnnData, *, declared: str = "auto", name: str) -> ad.Ann
     return out
 
 
-def match_genes(
-    reference: ad.AnnData, targets: Mapping[str, ad.AnnData], *, min_genes: int = 200
-) -> tuple[ad.AnnData, dict[str, ad.AnnData], GeneMatchReport]:
-    """Keep the genes every input has, in the reference's order; return subset copies and a report."""
+def shared_genes(
+    reference: ad.AnnData, targets: Mapping[str, ad.AnnData], *, min_genes: int = MIN_SHARED_GENES
+) -> tuple[list[str], GeneMatchReport]:
+    """The genes every input has, in the reference's order, and a report; no data is copied.
+
+    Raises :class:`GeneOverlapError` (with a naming hint) when fewer than ``min_genes`` are shared.
+    """
     if not targets:
         raise InputError("No target data was given: add at least one target sample.")
     reference_genes = list(reference.var_names)
@@ -135,6 +140,14 @@ def match_genes(
     )
     if len(genes) < min_genes:
         raise _overlap_error(reference_genes, targets, report, min_genes)
+    return genes, report
+
+
+def match_genes(
+    reference: ad.AnnData, targets: Mapping[str, ad.AnnData], *, min_genes: int = MIN_SHARED_GENES
+) -> tuple[ad.AnnData, dict[str, ad.AnnData], GeneMatchReport]:
+    """Keep the genes every input has, in the reference's order; return subset copies and a report."""
+    genes, report = shared_genes(reference, targets, min_genes=min_genes)
     subsets = {name: target[:, genes].copy() for name, target in targets.items()}
     return reference[:, genes].copy(), subsets, report
 

@@ -8,10 +8,7 @@ from typing import Mapping
 import anndata as ad
 import pandas as pd
 
-from .errors import GeneOverlapError
-from .preprocess import detect_value_kind
-
-MIN_SHARED_GENES = 200
+from .preprocess import detect_value_kind, shared_genes
 
 
 @dataclass(frozen=True)
@@ -28,16 +25,9 @@ def describe_inputs(reference: ad.AnnData, targets: Mapping[str, ad.AnnData]) ->
     """
     rows = [_row("reference", "reference", reference)]
     rows += [_row(name, "target", target) for name, target in targets.items()]
-    shared = set(reference.var_names)
-    for target in targets.values():
-        shared &= set(target.var_names)
-    if len(shared) < MIN_SHARED_GENES:
-        raise GeneOverlapError(
-            f"Reference and targets share only {len(shared):,} genes (at least {MIN_SHARED_GENES} are needed): "
-            "check that all files use the same gene naming (symbols vs Ensembl IDs) and the same species."
-        )
-    summary = f"**{len(shared):,}** genes are shared by the reference and every target ({reference.n_vars:,} in the reference)."
-    return InputOverview(pd.DataFrame(rows), summary, len(shared))
+    genes, report = shared_genes(reference, targets)
+    summary = f"**{len(genes):,}** genes are shared by the reference and every target: {report.summary()}."
+    return InputOverview(pd.DataFrame(rows), summary, len(genes))
 
 
 def shared_obs_columns(targets: Mapping[str, ad.AnnData], max_levels: int = 50) -> list[str]:

@@ -193,12 +193,10 @@ def test_loading_an_empty_folder_raises_model_error(tmp_path):
 
 
 # ------------------------------------------------------------------ pipeline over AnnData
-DEMO_CONFIG = DetectorConfig(
+DEMO_CONFIG = dataclasses.replace(
+    CONFIG,
     epochs=5,
-    latent_dim=16,
-    hidden_dims=(32,),
-    memory_size=64,
-    batch_size=64,
+    learning_rate=DetectorConfig.learning_rate,
     predictor=PredictorConfig(warmup_epochs=2, epochs=3),
 )
 

@@ -313,3 +313,15 @@ def test_bad_target_inside_prepare_is_validated_by_name():
     target.X[0, 0] = np.nan
     with pytest.raises(InputError, match="'broken'"):
         prepare(_counts(), {"broken": target})
+
+
+def test_the_data_summary_explains_a_gene_naming_mismatch_like_the_pipeline():
+    from acsleuth_core.errors import GeneOverlapError
+    from acsleuth_core.summary import describe_inputs
+
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, (30, 300)).astype(np.float32)
+    reference = ad.AnnData(X, var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(300)]))
+    target = ad.AnnData(X.copy(), var=pd.DataFrame(index=[f"GENE{i}" for i in range(300)]))
+    with pytest.raises(GeneOverlapError, match="Ensembl"):
+        describe_inputs(reference, {"t": target})
