@@ -9,13 +9,34 @@ MMD-trained predictor and makes the label-free call.
 Scoring a target, in order:
 1. residuals ``δ = x − x̂`` are divided by each gene's residual spread on the
    reference, so no gene dominates because it is highly expressed;
-2. the predictor ``f_p`` is warm-started on the mean squared normalised
-   residual and trained with the MMD objective (eq. 12) on the target;
-3. the call is anchored on the held-out reference cells (see :mod:`threshold`).
+2. the base score is the log mean squared normalised residual. Its
+   label-free call (:func:`threshold.label_free_threshold`'s rule: a trusted
+   anchored mixture, else conformal p-values against the held-out reference
+   cells with Benjamini–Hochberg) gives the warm-start labels of the
+   predictor; only when neither calls anything are the base score's ranks used;
+3. the predictor ``f_p`` is warm-started on those labels and trained with the
+   MMD objective (eq. 12) on the target;
+4. the call is anchored on the held-out reference cells (see :mod:`threshold`),
+   which are normal by definition and so also check it. The predictor's call
+   passes the self-check when its anchored mixture is trusted (it calls at
+   most ``threshold.MAX_REFERENCE_CALLED`` of the held-out cells) or, failing
+   that, the conformal BH fallback on its scores still calls something. A
+   predictor that fails has split the target along some other structure
+   (held-out reference cells land in its anomalous mode, so no cut separates
+   the target's anomalies from them), and the base score is called instead,
+   as ``expit`` of the base score standardised by the held-out cells' median
+   and MAD (it stays in (0, 1) and ranks like the base score).
+   ``Threshold.detail`` records the route: ``score`` (``"predictor"`` or
+   ``"base"``), ``warm_start`` (``"mixture"``, ``"conformal_bh"`` or
+   ``"rank"``), the threshold's own ``route`` (``"mixture"`` or
+   ``"conformal_bh"``), ``reference_called`` (share of held-out cells the
+   final cut calls) and, as a diagnostic, ``reference_in_anomalous_group``
+   (share of held-out cells with predictor ``p > 1/2``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,15 +204,27 @@ class AnomalyDetector:
         generator_rng = seed_everything(cfg.seed + 1)
         features, residual_norm, latent = self._features(X, cancel)
         holdout_features, _, _ = self._features(self._holdout, cancel)
-        base = _mean_square(features)
-        base_holdout = _mean_square(holdout_features)
-        warm = _warm_start_targets(np.log(base), np.log(base_holdout))
+        base = np.log(_mean_square(features))
+        base_holdout = np.log(_mean_square(holdout_features))
+        warm, warm_route = _warm_start_targets(base, base_holdout)
         predictor = fit_predictor(
             features, warm, cfg.predictor, generator=generator_rng, progress=progress, cancel=cancel
         )
-        scores = thr.expit(predict_logits(predictor, features))
-        reference_scores = thr.expit(predict_logits(predictor, holdout_features))
+        logits = predict_logits(predictor, features)
+        reference_logits = predict_logits(predictor, holdout_features)
+        scores, reference_scores = thr.expit(logits), thr.expit(reference_logits)
         threshold = thr.label_free_threshold(scores, reference_scores)
+        route = {
+            "score": "predictor",
+            "warm_start": warm_route,
+            "reference_in_anomalous_group": float(np.mean(reference_logits > 0)),
+        }
+        if not _passes_self_check(threshold, scores):
+            route["score"] = "base"
+            scores = thr.expit(_standardise(base, base_holdout))
+            reference_scores = thr.expit(_standardise(base_holdout, base_holdout))
+            threshold = thr.label_free_threshold(scores, reference_scores)
+        threshold = dataclasses.replace(threshold, detail=threshold.detail | route)
         return DetectionResult(
             scores=scores,
             calls=thr.call(scores, threshold),
@@ -317,13 +350,35 @@ def _robust_gene_scale(residuals: np.ndarray) -> np.ndarray:
     return np.maximum(scale, floor).astype(np.float32)
 
 
-def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> np.ndarray:
-    """Soft labels that orient the predictor: the anchored mixture's posterior on the base score,
-    or the base score's rank (in [0, 1]) when the mixture finds no anomalous component."""
+def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> tuple[np.ndarray, str]:
+    """Soft labels that orient the predictor, and how they were made.
+
+    ``"mixture"``: the anchored mixture's posterior on the base score, when the
+    mixture passes :func:`threshold.mixture_is_trusted`; ``"conformal_bh"``:
+    1 for the cells Benjamini–Hochberg calls on conformal p-values against the
+    held-out cells, 0 for the rest; ``"rank"``: the base score's rank in [0, 1]
+    when neither calls any cell.
+    """
     mixture = thr.fit_anchored_mixture(base, base_holdout)
-    if mixture.found_anomalies:
-        return mixture.posterior(base)
-    return stats.rankdata(base) / base.size
+    if thr.mixture_is_trusted(mixture, base_holdout):
+        return mixture.posterior(base), "mixture"
+    called = base > thr.conformal_bh_cut(base, base_holdout)
+    if called.any():
+        return called.astype(np.float64), "conformal_bh"
+    return stats.rankdata(base) / base.size, "rank"
+
+
+def _passes_self_check(threshold: thr.Threshold, scores: np.ndarray) -> bool:
+    """Whether the predictor's label-free call is validated by the held-out reference cells:
+    its anchored mixture was trusted (it calls at most ``MAX_REFERENCE_CALLED`` of them, see
+    :func:`threshold.mixture_is_trusted`), or the conformal BH fallback still calls some cells."""
+    return threshold.detail["route"] == "mixture" or bool(thr.call(scores, threshold).any())
+
+
+def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``(x − median) / MAD`` of ``reference`` (normal-consistent MAD, floored)."""
+    scale = max(float(stats.median_abs_deviation(reference, scale="normal")), 1e-6)
+    return (np.asarray(x, dtype=np.float64) - float(np.median(reference))) / scale
 
 
 def _mean_square(features: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -6,6 +6,23 @@ reference cells held out of every fit: those cells are normal by definition,
 so they say what a normal score looks like. Only the anomalous component and
 the mixing weight are estimated. Users may instead give an expected anomaly
 fraction or a fixed threshold.
+
+The held-out reference cells also *check* the call. A cut that calls more than
+``MAX_REFERENCE_CALLED`` of them (normal cells!) is not trusted; neither is a
+mixture whose anomalous component is degenerate (none found, or one that takes
+most of the target: a broad component that merely absorbs the normal cells'
+spread when the pinned normal scale from a few dozen held-out cells is off).
+The call then falls back to an empirical null: conformal p-values of target
+scores against the held-out scores, ``p = (1 + #{reference ≥ score}) / (n + 1)``,
+and Benjamini–Hochberg at ``FDR_LEVEL``. Those p-values are valid when target
+normal cells are exchangeable with held-out reference cells and BH on them
+controls the false discovery rate (Bates et al. 2023, "Testing for outliers
+with conformal p-values"). The BH cut is always one of the reference scores,
+so it calls about ``p*`` of the held-out cells at most. With ``n`` held-out
+cells the smallest p-value is ``1/(n + 1)``: rare anomalies can go uncalled by
+this route, it errs on the side of calling too little. ``Threshold.detail``
+records the ``route`` taken (``"mixture"`` or ``"conformal_bh"``) and the
+share of held-out cells the cut calls.
 """
 
 from __future__ import annotations
@@ -18,6 +35,12 @@ from scipy import stats
 METHODS = ("label_free", "fraction", "manual")
 #: an anomalous component must sit this many normal SDs above the normal centre to count
 MIN_SEPARATION = 2.0
+#: a label-free cut may call at most this share of held-out reference cells (which are normal)
+MAX_REFERENCE_CALLED = 0.1
+#: a mixture whose anomalous component takes more than this share of the target is not trusted
+MAX_MIXTURE_FRACTION = 0.9
+#: false discovery rate of the conformal Benjamini–Hochberg fallback
+FDR_LEVEL = 0.1
 
 
 @dataclass(frozen=True)
@@ -93,10 +116,69 @@ def fit_anchored_mixture(target: np.ndarray, reference: np.ndarray, *, max_iter:
 
 
 def label_free_threshold(target_scores: np.ndarray, reference_scores: np.ndarray) -> Threshold:
-    """The default call for probability-like scores in [0, 1]: an anchored mixture on their logits."""
-    mixture = fit_anchored_mixture(logit(target_scores), logit(reference_scores))
-    detail = asdict(mixture) | {"n_reference_cells": int(np.size(reference_scores)), "scale": "logit"}
-    return Threshold(value=float(expit(mixture.cut())), method="label_free", detail=detail)
+    """The default call for probability-like scores in [0, 1]: an anchored mixture on their logits,
+    checked on the held-out reference cells, else conformal p-values with Benjamini–Hochberg."""
+    t, r = logit(target_scores), logit(reference_scores)
+    mixture = fit_anchored_mixture(t, r)
+    cut, route = mixture.cut(), "mixture"
+    if not mixture_is_trusted(mixture, r):
+        cut, route = conformal_bh_cut(t, r), "conformal_bh"
+    value = float(expit(cut))  # 1.0 (nothing called) when BH rejects nothing
+    detail = asdict(mixture) | {
+        "n_reference_cells": int(np.size(reference_scores)),
+        "scale": "logit",
+        "route": route,
+        "reference_called": reference_called_share(reference_scores, value),
+    }
+    return Threshold(value=value, method="label_free", detail=detail)
+
+
+def mixture_is_trusted(mixture: AnchoredMixture, reference: np.ndarray) -> bool:
+    """Whether an anchored mixture's call passes the checks: an anomalous component was found,
+    it takes at most ``MAX_MIXTURE_FRACTION`` of the target, and its cut calls at most
+    ``MAX_REFERENCE_CALLED`` of the held-out reference ``scores`` (same scale as the mixture)."""
+    return (
+        mixture.found_anomalies
+        and mixture.anomaly_fraction <= MAX_MIXTURE_FRACTION
+        and reference_called_share(reference, mixture.cut()) <= MAX_REFERENCE_CALLED
+    )
+
+
+def reference_called_share(reference: np.ndarray, cut: float) -> float:
+    """Share of held-out reference scores above ``cut``: an estimate of the call's false-positive rate."""
+    return float(np.mean(np.asarray(reference, dtype=np.float64) > cut))
+
+
+def conformal_pvalues(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Conformal p-values ``(1 + #{reference ≥ t}) / (n + 1)`` of target scores (high = anomalous)."""
+    r = np.sort(np.asarray(reference, dtype=np.float64))
+    t = np.asarray(target, dtype=np.float64)
+    n_at_or_above = r.size - np.searchsorted(r, t, side="left")
+    return (1.0 + n_at_or_above) / (r.size + 1.0)
+
+
+def benjamini_hochberg(pvalues: np.ndarray, q: float = FDR_LEVEL) -> np.ndarray:
+    """Boolean rejections of the Benjamini–Hochberg step-up procedure at level ``q``."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    passed = np.nonzero(p[order] <= q * np.arange(1, p.size + 1) / p.size)[0]
+    rejected = np.zeros(p.size, dtype=bool)
+    if passed.size:
+        rejected[order[: passed[-1] + 1]] = True
+    return rejected
+
+
+def conformal_bh_cut(target: np.ndarray, reference: np.ndarray, q: float = FDR_LEVEL) -> float:
+    """The cut ``c`` for which ``target > c`` are exactly the BH rejections of the conformal
+    p-values at level ``q``: a reference score (``inf`` when nothing is rejected)."""
+    t = np.asarray(target, dtype=np.float64)
+    rejected = benjamini_hochberg(conformal_pvalues(t, reference), q)
+    if not rejected.any():
+        return float("inf")
+    r = np.sort(np.asarray(reference, dtype=np.float64))
+    # the largest rejected p-value allows j reference scores at or above a called cell
+    j = int(round(conformal_pvalues(t[rejected], r).max() * (r.size + 1))) - 1
+    return float(r[r.size - 1 - j]) if j < r.size else float("-inf")
 
 
 def fraction_threshold(scores: np.ndarray, fraction: float) -> Threshold:

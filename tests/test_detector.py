@@ -10,7 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from acsleuth_core import keys
+from acsleuth_core import detect, keys
+from acsleuth_core import threshold as thr
 from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
 from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, AnomalyDetector, DetectorConfig
 from acsleuth_core.errors import InputError, ModelError
@@ -78,6 +79,74 @@ def test_label_free_call_finds_the_anomalous_type(data, fitted):
     _, result = fitted
     assert result.threshold.method == "label_free"
     assert f1_score(is_anomaly, result.calls) > 0.8
+
+
+def test_threshold_detail_records_the_route_of_the_call(fitted):
+    _, result = fitted
+    detail = result.threshold.detail
+    assert detail["score"] in {"predictor", "base"}
+    assert detail["warm_start"] in {"mixture", "conformal_bh", "rank"}
+    assert detail["route"] in {"mixture", "conformal_bh"}
+    assert 0.0 <= detail["reference_in_anomalous_group"] <= 1.0
+    if detail["score"] == "predictor":  # the self-check it passed
+        assert detail["route"] == "mixture" or result.calls.any()
+    if detail["route"] == "mixture":
+        assert detail["reference_called"] <= thr.MAX_REFERENCE_CALLED
+    # the reported share of held-out cells called is that of the final cut
+    assert detail["reference_called"] == pytest.approx(np.mean(result.reference_scores > result.threshold.value))
+
+
+class _CallsEveryCell(torch.nn.Module):
+    """A failed predictor: every cell, held-out reference cells too, in the anomalous group (p ≈ 0.95),
+    so no cut on its scores separates target cells from held-out reference cells."""
+
+    def forward(self, x):
+        return torch.full((x.shape[0],), 3.0)
+
+
+def test_a_predictor_that_calls_the_held_out_reference_falls_back_to_the_base_score(data, fitted, monkeypatch):
+    _, target, is_anomaly = data
+    detector, _ = fitted
+    monkeypatch.setattr(detect, "fit_predictor", lambda *args, **kwargs: _CallsEveryCell())
+    result = detector.score(target)
+    detail = result.threshold.detail
+    assert detail["reference_in_anomalous_group"] == 1.0
+    assert detail["score"] == "base"
+    features, _, _ = detector._features(detect._as_csr(target), None)
+    base = detect._mean_square(features)
+    # the scores are a monotone map of the base score, and the call follows them
+    assert np.all(np.diff(result.scores[np.argsort(base, kind="stable")]) >= 0)
+    np.testing.assert_array_equal(result.calls, result.scores > result.threshold.value)
+    assert roc_auc_score(is_anomaly, result.scores) > 0.9
+    assert result.calls.mean() < 0.5  # not every cell, unlike the failed predictor
+
+
+def test_warm_start_uses_a_trusted_mixture_posterior():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 200)
+    base = np.r_[rng.normal(0, 1, 400), rng.normal(6, 0.5, 100)]
+    warm, route = detect._warm_start_targets(base, reference)
+    assert route == "mixture"
+    assert warm[400:].mean() > 0.95 and warm[:400].mean() < 0.05
+
+
+def test_warm_start_falls_back_to_conformal_bh_labels_when_the_mixture_is_degenerate():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 100)
+    base = np.r_[rng.normal(2.5, 1.5, 950), rng.normal(9, 0.3, 50)]  # mixture fraction > 0.9: not trusted
+    warm, route = detect._warm_start_targets(base, reference)
+    assert route == "conformal_bh"
+    assert set(np.unique(warm)) == {0.0, 1.0}
+    assert warm[950:].all()
+    np.testing.assert_array_equal(warm == 1, base > thr.conformal_bh_cut(base, reference))
+
+
+def test_warm_start_falls_back_to_ranks_when_nothing_clears_the_reference():
+    rng = np.random.default_rng(0)
+    reference, base = rng.normal(0, 1, 100), rng.normal(0, 1, 300)
+    warm, route = detect._warm_start_targets(base, reference)
+    assert route == "rank"
+    np.testing.assert_array_equal(np.argsort(warm, kind="stable"), np.argsort(base, kind="stable"))
 
 
 def test_result_has_one_row_per_target_cell(data, fitted):
@@ -233,6 +302,7 @@ def test_pipeline_returns_a_new_annotated_anndata(demo, demo_run):
     assert {"params", "threshold", "versions"} <= set(adata.uns[keys.UNS])
     assert adata.uns[keys.UNS]["params"]["latent_dim"] == DEMO_CONFIG.latent_dim
     assert adata.uns[keys.UNS]["threshold"]["method"] == "label_free"
+    assert adata.uns[keys.UNS]["threshold"]["detail"]["score"] in {"predictor", "base"}
     assert "torch" in adata.uns[keys.UNS]["versions"]
     scores = adata.obs[keys.SCORE].to_numpy()
     assert np.all((scores >= 0) & (scores <= 1))

@@ -34,6 +34,8 @@ def test_label_free_threshold_calls_a_clear_mixture_well(seed):
     assert threshold.detail["anomalous_centre"] == pytest.approx(3.0, abs=0.5)
     assert threshold.detail["anomaly_fraction"] == pytest.approx(0.2, abs=0.05)
     assert threshold.detail["n_reference_cells"] == 300
+    assert threshold.detail["route"] == "mixture"
+    assert threshold.detail["reference_called"] <= thr.MAX_REFERENCE_CALLED
 
 
 def test_label_free_threshold_calls_almost_nothing_on_a_clean_target():
@@ -59,6 +61,77 @@ def test_label_free_threshold_falls_back_to_the_reference_tail_without_an_anomal
     assert mixture.anomaly_fraction == 0.0
     expected = mixture.normal_centre + 2.5758293035489 * mixture.normal_scale
     assert mixture.cut() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 4])
+def test_label_free_threshold_does_not_call_a_normal_subpopulation_the_reference_also_has(seed):
+    """A fifth of reference and target cells sit in an upper mode: the mixture takes it for anomalies,
+    but its cut calls more than MAX_REFERENCE_CALLED of the (normal) reference cells, so it is not
+    trusted and the conformal BH fallback calls (almost) nothing."""
+    rng = np.random.default_rng(seed)
+
+    def cells(n):
+        return np.where(rng.random(n) < 0.2, rng.normal(3, 0.3, n), rng.normal(0, 1, n))
+
+    reference, target = cells(300), cells(500)
+    mixture = thr.fit_anchored_mixture(target, reference)
+    assert np.mean(target > mixture.cut()) > 0.1  # what the unchecked mixture would call
+    assert thr.reference_called_share(reference, mixture.cut()) > thr.MAX_REFERENCE_CALLED
+    assert not thr.mixture_is_trusted(mixture, reference)
+    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
+    assert threshold.detail["route"] == "conformal_bh"
+    assert thr.call(thr.expit(target), threshold).mean() < 0.02
+    assert threshold.detail["reference_called"] <= thr.FDR_LEVEL
+
+
+def test_label_free_threshold_falls_back_to_conformal_bh_when_the_mixture_is_degenerate():
+    """The anomalous component would swallow almost the whole target (fraction > MAX_MIXTURE_FRACTION)."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 100)
+    target = np.r_[rng.normal(2.5, 1.5, 950), rng.normal(9, 0.3, 50)]
+    mixture = thr.fit_anchored_mixture(target, reference)
+    assert mixture.anomaly_fraction > thr.MAX_MIXTURE_FRACTION
+    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
+    assert threshold.detail["route"] == "conformal_bh"
+    calls = thr.call(thr.expit(target), threshold)
+    assert calls[950:].all()  # every cell far beyond every reference cell is called
+    assert np.isclose(threshold.value, thr.expit(reference), rtol=0, atol=1e-12).any()  # a reference score
+
+
+def test_conformal_pvalues_count_reference_scores_at_or_above():
+    reference = np.array([4.0, 1.0, 3.0, 2.0])
+    p = thr.conformal_pvalues(np.array([0.0, 2.0, 2.5, 4.0, 5.0]), reference)
+    np.testing.assert_allclose(p, np.array([5, 4, 3, 2, 1]) / 5)
+
+
+def test_conformal_pvalues_are_uniform_for_exchangeable_scores():
+    rng = np.random.default_rng(1)
+    p = thr.conformal_pvalues(rng.normal(size=20000), rng.normal(size=99))
+    assert set(np.unique(p * 100).round(6)) <= set(np.arange(1, 101, dtype=float))
+    # marginally super-uniform: P(p ≤ k/100) ≈ k/100 (within sampling error of the 99 reference cells)
+    assert np.mean(p <= 0.1) == pytest.approx(0.1, abs=0.07)
+
+
+def test_benjamini_hochberg_is_step_up():
+    # sorted p against k/5 · 0.05: 0.001 ≤ 0.01, 0.02 ≤ 0.02, 0.039 > 0.03 (still rejected: step-up),
+    # 0.04 ≤ 0.04, 0.9 > 0.05
+    p = np.array([0.04, 0.001, 0.039, 0.02, 0.9])
+    np.testing.assert_array_equal(thr.benjamini_hochberg(p, 0.05), [True, True, True, True, False])
+    np.testing.assert_array_equal(thr.benjamini_hochberg(p, 0.005), [False, True, False, False, False])
+    assert not thr.benjamini_hochberg(np.array([0.5, 0.9]), 0.1).any()
+
+
+def test_conformal_bh_cut_calls_exactly_the_bh_rejections():
+    rng = np.random.default_rng(2)
+    reference = rng.normal(0, 1, 60)
+    target = np.r_[rng.normal(0, 1, 300), rng.normal(4, 1, 90)]
+    cut = thr.conformal_bh_cut(target, reference)
+    rejected = thr.benjamini_hochberg(thr.conformal_pvalues(target, reference))
+    np.testing.assert_array_equal(target > cut, rejected)
+    assert cut in set(reference)
+    assert 60 < rejected.sum() < 110
+    # nothing clears the reference: no cut at all
+    assert thr.conformal_bh_cut(rng.normal(0, 1, 300), reference) == np.inf
 
 
 def test_anchored_mixture_pins_the_normal_component_to_the_reference():
