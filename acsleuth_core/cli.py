@@ -17,7 +17,8 @@ from .detect import AnomalyDetector, DetectorConfig
 from .errors import ACsleuthError
 from .export import cell_table, write_h5ad, write_table
 from .io import read_cells
-from .pipeline import call_anomalies, detect_anomalies
+from .correction import CorrectionConfig
+from .pipeline import call_anomalies, correct_detection_run, detect_anomalies
 from .progress import ProgressEvent
 from .runtime import DEVICES
 
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     call = run.add_mutually_exclusive_group()
     call.add_argument("--expected-fraction", type=float, help="call this fraction of target cells anomalous")
     call.add_argument("--threshold", type=float, help="call cells with score above this value anomalous")
+    correction = run.add_mutually_exclusive_group()
+    correction.add_argument(
+        "--correct", dest="correct", action="store_true", default=None,
+        help="batch-correct the targets (modules II and III; default: on when the targets hold more than one batch)",
+    )
+    correction.add_argument("--no-correct", dest="correct", action="store_false", help="skip batch correction")
+    run.add_argument("--label-key", help="obs column in targets and reference (e.g. cell type) to measure label purity")
     run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
     run.add_argument("--model", type=Path, help="score with a saved model instead of training")
     run.set_defaults(handler=_run)
@@ -94,6 +102,13 @@ def _run(args: argparse.Namespace) -> int:
         call_anomalies(adata, "fraction", args.expected_fraction)
     elif args.threshold is not None:
         call_anomalies(adata, "manual", args.threshold)
+    n_batches = adata.obs[keys.BATCH].nunique()
+    if args.correct if args.correct is not None else n_batches > 1:
+        with _ProgressBar() as bar:
+            correction = correct_detection_run(
+                run, CorrectionConfig.seeded(args.seed, args.device), label_key=args.label_key, progress=bar.update
+            )
+        print(_describe_metrics(correction.metrics), file=sys.stderr)
     write_h5ad(adata, args.out)
     if args.table:
         write_table(cell_table(adata), args.table)
@@ -103,6 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
     return 0
+
+
+def _describe_metrics(metrics: dict) -> str:
+    names = {"batch_entropy": "batch mixing", "label_purity": "label purity"}
+    parts = [
+        f"{label} {metrics['before'][key]:.3f} → {metrics['after'][key]:.3f}"
+        for key, label in names.items()
+        if key in metrics["after"]
+    ]
+    return "batch correction: " + ", ".join(parts)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -18,3 +18,15 @@ LATENT = "X_acsleuth"
 UNS = "acsleuth"
 #: ``uns`` of a normalised AnnData: the kind of values it was given, "counts" or "log".
 INPUT_KIND = "acsleuth_input_kind"
+#: ``obs``: name of each target cell's kin reference cell (module II); missing for cells called anomalous.
+KIN = "acsleuth_kin"
+#: ``obs``: the kin's share of the cell's non-negative reference mix, 0–1; missing for cells called anomalous.
+KIN_CONFIDENCE = "acsleuth_kin_confidence"
+#: ``layers``: batch-corrected log expression in the reference's gene space (module III); zero outside the model's genes.
+CORRECTED = "acsleuth_corrected"
+#: ``obsm``: batch-corrected latent embedding (module III).
+CORRECTED_LATENT = "X_acsleuth_corrected"
+#: ``var``: True for the genes the model was trained on (the genes the corrected layer fills).
+MODEL_GENE = "acsleuth_model_gene"
+#: ``uns[UNS]`` entry: correction parameters, metrics before/after and training curves.
+CORRECTION = "correction"

@@ -2,7 +2,8 @@
 
 ``detect_anomalies`` prepares the inputs, trains module I on the reference,
 scores the targets and returns a new annotated target AnnData; the inputs
-are never modified. ``call_anomalies`` re-draws the calls on an annotated
+are never modified. ``correct_detection_run`` adds batch correction
+(modules II and III) to that result. ``call_anomalies`` re-draws the calls on an annotated
 AnnData with another threshold rule, without retraining.
 """
 
@@ -20,8 +21,10 @@ import pandas as pd
 
 from . import keys
 from . import threshold as thr
+from .correction import CorrectionConfig, CorrectionResult, annotate_correction, correct_batches
 from .detect import AnomalyDetector, DetectionResult, DetectorConfig
 from .errors import InputError
+from .model_inputs import ModelInputs
 from .preprocess import PreparedData, prepare
 from .progress import CancelToken, ProgressCallback
 
@@ -65,6 +68,23 @@ def detect_anomalies(
     annotated = _stack_original(targets, prepared)
     annotate(annotated, result, detector, prepared)
     return DetectionRun(annotated, detector, prepared)
+
+
+def correct_detection_run(
+    run: DetectionRun,
+    config: CorrectionConfig = CorrectionConfig(),
+    *,
+    label_key: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> CorrectionResult:
+    """Batch-correct a detection run in place (modules II and III): writes the correction keys into ``run.adata``."""
+    inputs = ModelInputs.from_prepared(run.prepared)
+    result = correct_batches(
+        run.adata, inputs, run.detector, config, label_key=label_key, progress=progress, cancel=cancel
+    )
+    annotate_correction(run.adata, result, inputs.genes, config)
+    return result
 
 
 def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetector, prepared: PreparedData) -> None:

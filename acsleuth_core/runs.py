@@ -1,7 +1,9 @@
 """Runs on disk: each trained model and its results in a folder of its own.
 
 A run folder holds ``run.json`` (name, status, parameters, times, summary),
-the trained model (``model/``) and the annotated target (``result.h5ad``).
+the trained model (``model/``), the cells as the model saw them (``inputs/``),
+the annotated target (``result.h5ad``) and, after batch correction, the
+UMAP layout the Correct page draws (``correction_layout.parquet``).
 Every file is written atomically, so a crash or a refresh never leaves a
 half-written result behind. Runs have unique ids, so two browser sessions
 never write into the same folder.
@@ -20,17 +22,23 @@ from pathlib import Path
 from typing import Optional
 
 import anndata as ad
+import pandas as pd
 
+from .correction import CorrectionConfig, annotate_correction, correct_batches
 from .detect import AnomalyDetector, DetectorConfig
 from .errors import Cancelled, InputError
 from .export import atomic_path, write_h5ad
 from .jobs import Job, JobRegistry
+from .layout import correction_layout
+from .model_inputs import ModelInputs
 from .pipeline import calls_per_batch, detect_anomalies
 
 RUNS_DIR_ENV = "ACSLEUTH_RUNS_DIR"
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 RESULT_FILE = "result.h5ad"
+INPUTS_DIR = "inputs"
+LAYOUT_FILE = "correction_layout.parquet"
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 
 
@@ -60,6 +68,20 @@ class Run:
     def load_detector(self) -> AnomalyDetector:
         return AnomalyDetector.load(self.folder / MODEL_DIR)
 
+    @property
+    def has_inputs(self) -> bool:
+        return (self.folder / INPUTS_DIR).is_dir()
+
+    def load_inputs(self) -> ModelInputs:
+        return ModelInputs.read(self.folder / INPUTS_DIR)
+
+    @property
+    def has_layout(self) -> bool:
+        return (self.folder / LAYOUT_FILE).is_file()
+
+    def load_layout(self) -> pd.DataFrame:
+        return pd.read_parquet(self.folder / LAYOUT_FILE)
+
 
 class RunStore:
     """All runs under one folder (default :func:`default_runs_dir`)."""
@@ -76,15 +98,21 @@ class RunStore:
         _write_json(folder / RUN_FILE, info)
         return Run(folder, info)
 
-    def finish(self, run: Run, adata: ad.AnnData, detector: AnomalyDetector, summary: dict) -> Run:
-        """Save the model and the annotated result, then mark the run done."""
-        model_tmp = run.folder / f".{MODEL_DIR}.tmp"
-        shutil.rmtree(model_tmp, ignore_errors=True)
-        detector.save(model_tmp)
-        shutil.rmtree(run.folder / MODEL_DIR, ignore_errors=True)
-        os.replace(model_tmp, run.folder / MODEL_DIR)
+    def finish(
+        self, run: Run, adata: ad.AnnData, detector: AnomalyDetector, inputs: ModelInputs, summary: dict
+    ) -> Run:
+        """Save the model, the model's inputs and the annotated result, then mark the run done."""
+        _replace_folder(run.folder / MODEL_DIR, detector.save)
+        _replace_folder(run.folder / INPUTS_DIR, inputs.write)
         write_h5ad(adata, run.folder / RESULT_FILE)
         return self.update(run, status="done", summary=summary, finished=_now())
+
+    def save_correction(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, metrics: dict) -> Run:
+        """Save a corrected result and its layout; record the metrics in ``run.json``."""
+        with atomic_path(run.folder / LAYOUT_FILE) as tmp:
+            layout.to_parquet(tmp, index=False)
+        write_h5ad(adata, run.folder / RESULT_FILE)
+        return self.update(run, correction={"status": "done", "metrics": metrics, "finished": _now()})
 
     def save_result(self, run: Run, adata: ad.AnnData) -> None:
         """Overwrite a finished run's result (e.g. after a new threshold), atomically."""
@@ -115,6 +143,15 @@ class RunStore:
                 except (OSError, json.JSONDecodeError):
                     continue
         return runs
+
+
+def _replace_folder(folder: Path, write) -> None:
+    """Let ``write(tmp_folder)`` fill a temporary folder, then swap it in for ``folder``."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -151,7 +188,7 @@ def start_detection_run(
                 reference, targets, batch_key=batch_key, n_hvg=n_hvg, config=config, progress=progress, cancel=cancel
             )
             summary = {"cells": int(result.adata.n_obs), "calls_per_batch": calls_per_batch(result.adata)}
-            return store.finish(run, result.adata, result.detector, summary)
+            return store.finish(run, result.adata, result.detector, ModelInputs.from_prepared(result.prepared), summary)
         except Cancelled as error:
             store.update(run, status="cancelled", message=str(error))
             raise
@@ -160,3 +197,39 @@ def start_detection_run(
             raise
 
     return run, registry.start(work, name=name)
+
+
+def start_correction_run(
+    store: RunStore,
+    registry: JobRegistry,
+    run: Run,
+    *,
+    config: CorrectionConfig,
+    label_key: Optional[str] = None,
+) -> Job:
+    """Correct a finished run's batches in a background job and save the result and layout into it.
+
+    ``run.json`` records the correction's status: ``running``, ``done`` (with
+    metrics), ``failed`` (with the message) or ``cancelled``.
+    """
+    if not (run.has_result and run.has_inputs):
+        raise InputError("This run has no saved model inputs; train a new detection run, then correct it.")
+    run = store.update(run, correction={"status": "running", "params": config.to_json(), "label_key": label_key})
+
+    def work(progress, cancel):
+        try:
+            adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
+            result = correct_batches(
+                adata, inputs, detector, config, label_key=label_key, progress=progress, cancel=cancel
+            )
+            annotate_correction(adata, result, inputs.genes, config)
+            layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.style.seed)
+            return store.save_correction(run, adata, layout, result.metrics)
+        except Cancelled as error:
+            store.update(run, correction={"status": "cancelled", "message": str(error)})
+            raise
+        except Exception as error:
+            store.update(run, correction={"status": "failed", "message": str(error)})
+            raise
+
+    return registry.start(work, name=f"{run.info.get('name', run.id)} · correction")

@@ -1,4 +1,4 @@
-"""The one WGAN-GP training loop shared by the ACsleuth GANs (modules I and III).
+"""The one WGAN-GP training loop shared by the ACsleuth GANs (modules I, II and III).
 
 A module describes itself as an :class:`AdversarialTask`; :func:`train_adversarial`
 alternates ``n_critic`` critic steps with one generator step, reports progress
@@ -30,6 +30,9 @@ class AdversarialConfig:
     beta: float = 0.05
     gp_weight: float = 10.0
     weight_decay: float = 0.0
+    #: "adam", or "sparse_adam" for a generator whose parameters get sparse gradients
+    #: (module II's per-cell mapping rows: only the rows in a mini-batch are updated)
+    generator_optimiser: str = "adam"
 
 
 @dataclass
@@ -77,9 +80,7 @@ def train_adversarial(
     for ``generator`` in an epoch too short to hold a generator step. Steps are
     counted across epochs, so every ``n_critic``-th mini-batch trains the generator.
     """
-    opt_g = torch.optim.Adam(
-        task.generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay
-    )
+    opt_g = _generator_optimiser(task.generator, config)
     opt_d = torch.optim.Adam(task.critic.parameters(), lr=config.critic_learning_rate, betas=(0.5, 0.9))
     history: dict[str, list[float]] = {"reconstruction": [], "generator": [], "critic": [], "wasserstein": []}
     task.generator.train()
@@ -119,6 +120,16 @@ def train_adversarial(
     task.generator.eval()
     task.critic.eval()
     return history
+
+
+def _generator_optimiser(generator: nn.Module, config: AdversarialConfig) -> torch.optim.Optimizer:
+    if config.generator_optimiser == "sparse_adam":
+        return torch.optim.SparseAdam(list(generator.parameters()), lr=config.learning_rate, betas=(0.5, 0.9))
+    if config.generator_optimiser == "adam":
+        return torch.optim.Adam(
+            generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay
+        )
+    raise ValueError(f"generator_optimiser must be 'adam' or 'sparse_adam', not {config.generator_optimiser!r}")
 
 
 def _critic_step(critic: nn.Module, optimiser: torch.optim.Optimizer, output: GeneratorOutput, gp_weight: float):

@@ -1,0 +1,214 @@
+"""Batch correction around the anomalies: module II (kin pairs) then module III (style transfer).
+
+``correct_batches`` takes an annotated detection result, the model and the
+cells as the model saw them; it pairs the target cells called normal with
+reference cells, learns per-batch styles from those pairs, corrects every
+target cell (anomalies too) and measures batch mixing and, when labels are
+given, label purity before and after. ``annotate_correction`` writes the
+result into the AnnData under the documented keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import keys
+from .detect import AnomalyDetector
+from .errors import InputError
+from .kin import KinConfig, KinPairs, find_kin_pairs
+from .metrics import DEFAULT_K, correction_metrics
+from .model_inputs import ModelInputs
+from .progress import CancelToken, ProgressCallback
+from .style import StyleConfig, StyleTransfer
+
+REFERENCE_BATCH = "reference"
+#: fewest target cells called normal that correction can learn from
+MIN_NORMAL_CELLS = 10
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Settings of modules II and III and of the metrics."""
+
+    kin: KinConfig = field(default_factory=KinConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
+    metrics_k: int = DEFAULT_K
+
+    @classmethod
+    def seeded(cls, seed: int, device: str = "auto", **overrides) -> "CorrectionConfig":
+        """Defaults with one seed and device for both modules."""
+        base = cls(**overrides)
+        return replace(
+            base,
+            kin=replace(base.kin, seed=seed, device=device),
+            style=replace(base.style, seed=seed, device=device),
+        )
+
+    def to_json(self) -> dict:
+        return {"kin": self.kin.to_json(), "style": self.style.to_json(), "metrics_k": self.metrics_k}
+
+
+@dataclass
+class CorrectionResult:
+    """Per-target-cell outputs (result row order) plus reference embeddings and metrics."""
+
+    kin: pd.Categorical
+    kin_confidence: np.ndarray
+    corrected_latent: np.ndarray
+    corrected_expression: sp.csr_matrix
+    reference_latent: np.ndarray
+    reference_corrected_latent: np.ndarray
+    metrics: dict[str, dict[str, float]]
+    pairs: KinPairs
+    style: StyleTransfer
+    label_key: Optional[str] = None
+
+
+def correct_batches(
+    adata: ad.AnnData,
+    inputs: ModelInputs,
+    detector: AnomalyDetector,
+    config: CorrectionConfig = CorrectionConfig(),
+    *,
+    label_key: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> CorrectionResult:
+    """Correct the batch effects of an annotated detection result (``adata`` is not modified).
+
+    ``label_key`` names an ``obs`` column present in both the targets and the
+    reference (e.g. a cell type); when given, label purity is measured too.
+    """
+    _check_aligned(adata, inputs)
+    normal = ~adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
+    if normal.sum() < MIN_NORMAL_CELLS:
+        raise InputError(
+            f"Only {int(normal.sum())} target cells are called normal; batch correction learns from normal cells "
+            f"and needs at least {MIN_NORMAL_CELLS}. Lower the anomaly threshold on the Detect step, or skip correction."
+        )
+    batches = adata.obs[keys.BATCH].astype(str).to_numpy()
+    target_X = sp.csr_matrix(inputs.target.X)
+    reference_X = sp.csr_matrix(inputs.reference.X)
+    target_latent = np.asarray(adata.obsm[keys.LATENT], dtype=np.float32)
+    reference_latent = detector.encode(reference_X)
+    pairs = find_kin_pairs(
+        target_latent[normal], reference_latent, batches[normal], config.kin, progress=progress, cancel=cancel
+    )
+    style = StyleTransfer(config.style).fit(
+        detector.generator, target_X[normal], batches[normal], pairs.kin, reference_X, pairs.offsets,
+        progress=progress, cancel=cancel,
+    )
+    corrected = style.correct(target_X, batches, cancel)
+    reference_corrected = style.correct(reference_X, None, cancel)
+    labels = _labels(adata, inputs, label_key, normal)
+    evaluation_batches = np.concatenate([batches[normal], np.full(len(reference_latent), REFERENCE_BATCH)])
+    metrics = {
+        stage: correction_metrics(np.vstack([targets[normal], reference]), evaluation_batches, labels, config.metrics_k)
+        for stage, targets, reference in (
+            ("before", target_latent, reference_latent),
+            ("after", corrected.latent, reference_corrected.latent),
+        )
+    }
+    return CorrectionResult(
+        kin=_kin_names(inputs.reference.obs_names, pairs.kin, normal),
+        kin_confidence=_on_normal(pairs.confidence, normal),
+        corrected_latent=corrected.latent,
+        corrected_expression=corrected.expression,
+        reference_latent=reference_latent,
+        reference_corrected_latent=reference_corrected.latent,
+        metrics=metrics,
+        pairs=pairs,
+        style=style,
+        label_key=label_key,
+    )
+
+
+def annotate_correction(
+    adata: ad.AnnData, result: CorrectionResult, genes: list[str], config: CorrectionConfig
+) -> None:
+    """Write a correction result into ``adata`` (the annotated targets) under the documented keys."""
+    adata.obs[keys.KIN] = result.kin
+    adata.obs[keys.KIN_CONFIDENCE] = result.kin_confidence
+    adata.obsm[keys.CORRECTED_LATENT] = result.corrected_latent
+    adata.var[keys.MODEL_GENE] = adata.var_names.isin(genes)
+    adata.layers[keys.CORRECTED] = _in_var_space(result.corrected_expression, genes, adata.var_names)
+    history = {
+        f"{stage}_{name}": np.asarray(values, dtype=np.float64)
+        for stage, source in (("kin", result.pairs.history), ("style", result.style.history))
+        for name, values in source.items()
+    }
+    adata.uns[keys.UNS][keys.CORRECTION] = {
+        "params": config.to_json() | {"label_key": result.label_key or ""},
+        "metrics": result.metrics,
+        "history": history,
+        "style_norms": {b: float(np.linalg.norm(v)) for b, v in zip(result.style.batch_names, _styles(result))},
+        "n_kin_pairs": int(pd.notna(result.kin).sum()),
+        "threshold": float(adata.uns[keys.UNS]["threshold"]["value"]),
+    }
+
+
+def correction_is_stale(adata: ad.AnnData) -> bool:
+    """True when the anomaly threshold changed after correction (kin pairs were learnt from other calls)."""
+    saved = adata.uns.get(keys.UNS, {}).get(keys.CORRECTION)
+    if not saved:
+        return False
+    return not np.isclose(float(saved["threshold"]), float(adata.uns[keys.UNS]["threshold"]["value"]))
+
+
+def shared_label_columns(adata: ad.AnnData, inputs: ModelInputs) -> list[str]:
+    """``obs`` columns present in both the targets and the reference, usable as labels for label purity."""
+    return [c for c in adata.obs.columns if c in inputs.reference.obs.columns and not c.startswith("acsleuth_")]
+
+
+def _check_aligned(adata: ad.AnnData, inputs: ModelInputs) -> None:
+    for needed in (keys.ANOMALY, keys.BATCH):
+        if needed not in adata.obs:
+            raise InputError("This AnnData has no ACsleuth detection results yet: run the detector first.")
+    if keys.LATENT not in adata.obsm:
+        raise InputError(f"This AnnData lacks obsm['{keys.LATENT}']: run the detector first.")
+    if not adata.obs_names.equals(inputs.target.obs_names):
+        raise InputError("The model inputs do not belong to this result (cell names differ); reopen the run.")
+
+
+def _labels(adata: ad.AnnData, inputs: ModelInputs, label_key: Optional[str], normal: np.ndarray) -> Optional[np.ndarray]:
+    if not label_key:
+        return None
+    if label_key not in shared_label_columns(adata, inputs):
+        raise InputError(
+            f"'{label_key}' is not an obs column of both the targets and the reference; "
+            f"choose one of: {', '.join(shared_label_columns(adata, inputs)) or '(none)'}."
+        )
+    return np.concatenate(
+        [adata.obs[label_key].astype(str).to_numpy()[normal], inputs.reference.obs[label_key].astype(str).to_numpy()]
+    )
+
+
+def _kin_names(reference_names: pd.Index, kin_rows: np.ndarray, normal: np.ndarray) -> pd.Categorical:
+    names = np.full(normal.size, None, dtype=object)
+    names[normal] = np.asarray(reference_names)[kin_rows]
+    return pd.Categorical(names)
+
+
+def _on_normal(values: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    out = np.full(normal.size, np.nan, dtype=np.float32)
+    out[normal] = values
+    return out
+
+
+def _in_var_space(expression: sp.csr_matrix, genes: list[str], var_names: pd.Index) -> sp.csr_matrix:
+    """Place model-gene columns at their positions among ``var_names``; other columns stay zero."""
+    positions = var_names.get_indexer(genes)
+    if (positions < 0).any():
+        raise InputError("The result lacks some of the model's genes; it does not belong to this model.")
+    coo = expression.tocoo()
+    return sp.csr_matrix((coo.data, (coo.row, positions[coo.col])), shape=(expression.shape[0], len(var_names)))
+
+
+def _styles(result: CorrectionResult) -> np.ndarray:
+    return result.style.generator.styles.detach().numpy()

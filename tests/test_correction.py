@@ -1,0 +1,277 @@
+"""Batch correction: neighbours, metrics, kin pairs (module II), style transfer (module III), pipeline."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from acsleuth_core import keys
+from acsleuth_core.correction import CorrectionConfig, correct_batches, correction_is_stale, shared_label_columns
+from acsleuth_core.demo import LABEL_KEY, load_demo
+from acsleuth_core.detect import DetectorConfig
+from acsleuth_core.errors import InputError
+from acsleuth_core.export import write_h5ad
+from acsleuth_core.kin import KinConfig, find_kin_pairs, latent_offsets
+from acsleuth_core.layout import AFTER, BEFORE, CELL, correction_layout, kin_segments
+from acsleuth_core.metrics import batch_entropy, correction_metrics, ilisi, label_purity
+from acsleuth_core.mmd import PredictorConfig
+from acsleuth_core.model_inputs import ModelInputs
+from acsleuth_core.neighbours import nearest
+from acsleuth_core.nn.reconstruction import ReconstructionGenerator
+from acsleuth_core.pipeline import call_anomalies, correct_detection_run, detect_anomalies
+from acsleuth_core.style import StyleConfig, StyleTransfer
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+FAST = CorrectionConfig(kin=KinConfig(epochs=5), style=StyleConfig(epochs=5))
+
+
+def _clusters(rng, n, dim=16, n_types=5, spread=4.0):
+    centres = rng.normal(scale=spread, size=(n_types, dim))
+    types = rng.integers(0, n_types, n)
+    return (centres[types] + rng.normal(size=(n, dim))).astype(np.float32), types
+
+
+# ---------------------------------------------------------------- neighbours
+def test_nearest_matches_brute_force_and_can_exclude_self():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(200, 5)).astype(np.float32)
+    indices, distances = nearest(points, points[:20], 4)
+    full = np.linalg.norm(points[:20, None] - points[None], axis=2)
+    np.testing.assert_array_equal(indices, np.argsort(full, axis=1)[:, :4])
+    np.testing.assert_allclose(distances, np.sort(full, axis=1)[:, :4], rtol=1e-4, atol=1e-4)
+    without_self, _ = nearest(points, points, 3, exclude_self=True)
+    assert without_self.shape == (200, 3)
+    assert not (without_self == np.arange(200)[:, None]).any()
+
+
+# ------------------------------------------------------------------- metrics
+def test_metrics_are_zero_for_separated_batches_and_high_for_mixed_ones():
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(600, 8))
+    batches = np.repeat(["a", "b", "c"], 200)
+    mixed = correction_metrics(points, batches)
+    separated = points + np.repeat(np.eye(8)[:3] * 50, 200, axis=0)
+    assert batch_entropy(separated, batches) == 0.0
+    assert ilisi(separated, batches) == 0.0
+    assert mixed["batch_entropy"] > 0.85 and mixed["ilisi"] > 0.7
+    assert "label_purity" not in mixed
+
+
+def test_label_purity_is_one_for_separated_labels_and_chance_for_random_ones():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(["x", "y"], 300)
+    points = rng.normal(size=(600, 4)) + (labels == "y")[:, None] * 30
+    assert label_purity(points, labels) == 1.0
+    assert abs(label_purity(points, rng.permutation(labels)) - 0.5) < 0.05
+
+
+# ------------------------------------------------------------------ module II
+def test_kin_pairs_recover_the_partner_of_shifted_copies():
+    rng = np.random.default_rng(3)
+    reference, _ = _clusters(rng, 1500)
+    partner = rng.choice(1500, 600, replace=False)
+    shift = rng.normal(scale=1.0, size=16).astype(np.float32)
+    target = reference[partner] + shift + rng.normal(scale=0.05, size=(600, 16)).astype(np.float32)
+    pairs = find_kin_pairs(target, reference, np.full(600, "b1"), KinConfig(epochs=20))
+    assert np.mean(pairs.kin == partner) >= 0.9
+    assert np.linalg.norm(pairs.offsets["b1"] - shift) < 0.1 * np.linalg.norm(shift)
+    assert pairs.confidence.min() >= 0 and pairs.confidence.max() <= 1
+    assert pairs.mapping.shape == (600, 1500)
+    assert pairs.mapping.nnz <= 600 * KinConfig.n_candidates
+    assert (pairs.mapping.data >= 0).all()
+
+
+def test_latent_offsets_are_estimated_per_batch():
+    rng = np.random.default_rng(4)
+    reference, _ = _clusters(rng, 800)
+    rows = rng.choice(800, 400, replace=False)
+    batches = np.repeat(["left", "right"], 200)
+    shifts = {"left": np.full(16, -0.8, np.float32), "right": np.full(16, 0.5, np.float32)}
+    target = reference[rows] + np.stack([shifts[b] for b in batches])
+    offsets = latent_offsets(target, reference, batches)
+    for name, shift in shifts.items():
+        np.testing.assert_allclose(offsets[name], shift, atol=0.05)
+
+
+def test_kin_pairing_never_builds_a_targets_by_reference_matrix():
+    """20,000 × 20,000 cells: a dense float32 mapping alone would take 1.6 GB; the run must stay under 1 GiB."""
+    script = textwrap.dedent(
+        """
+        import json, resource, numpy as np, torch
+        torch.set_num_threads(1)
+        from acsleuth_core.kin import KinConfig, find_kin_pairs
+        rng = np.random.default_rng(0)
+        reference = rng.normal(size=(20_000, 8)).astype(np.float32)
+        target = reference + rng.normal(scale=0.01, size=reference.shape).astype(np.float32)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        pairs = find_kin_pairs(target, reference, np.full(20_000, "b"), KinConfig(epochs=1, n_candidates=10, align_rounds=1))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"growth_kib": peak - start, "exact": float(np.mean(pairs.kin == np.arange(20_000)))}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["growth_kib"] < 1024 * 1024
+    assert report["exact"] > 0.9
+
+
+# ----------------------------------------------------------------- module III
+def _identity_module_one(dim: int) -> ReconstructionGenerator:
+    """A module I whose encoder and decoder are exact identities (linear, no memory bank)."""
+    generator = ReconstructionGenerator(dim, hidden_dims=(), latent_dim=dim, memory_size=0, dropout=0.0)
+    with torch.no_grad():
+        for layer in (generator.encoder[0], generator.decoder[0]):
+            layer.weight.copy_(torch.eye(dim))
+            layer.bias.zero_()
+    return generator
+
+
+def test_style_vectors_remove_a_known_additive_latent_shift():
+    rng = np.random.default_rng(5)
+    reference = np.abs(_clusters(rng, 400, dim=12)[0])
+    partner = rng.choice(400, 300, replace=False)
+    shift = rng.normal(scale=1.5, size=12).astype(np.float32)
+    target = reference[partner] + shift
+    batches = np.full(300, "shifted")
+    style = StyleTransfer(StyleConfig(epochs=60, learning_rate=1e-2, beta=0.0)).fit(
+        _identity_module_one(12), target, batches, partner, reference, {"shifted": np.zeros(12, np.float32)}
+    )
+    corrected = style.correct(target, batches)
+    reference_latent = style.correct(reference, None).latent
+    uncorrected_latent = style.correct(target, None).latent
+
+    def gap(latent):
+        return np.linalg.norm(latent - reference_latent[partner], axis=1).mean()
+
+    def expression_error(out):
+        return np.abs(out.expression.toarray() - reference[partner]).mean()
+
+    assert gap(corrected.latent) < 0.2 * gap(uncorrected_latent)
+    raw_gap = np.abs(target - reference[partner]).mean()
+    assert expression_error(corrected) < 0.5 * raw_gap
+
+
+def test_correcting_an_unknown_batch_is_an_error():
+    rng = np.random.default_rng(6)
+    reference = np.abs(rng.normal(size=(50, 6))).astype(np.float32)
+    style = StyleTransfer(StyleConfig(epochs=1)).fit(
+        _identity_module_one(6), reference[:20], np.full(20, "a"), np.arange(20), reference, {"a": np.zeros(6, np.float32)}
+    )
+    with pytest.raises(ValueError, match="no style was learnt for batch"):
+        style.correct(reference[:5], np.full(5, "other"))
+
+
+# ------------------------------------------------------------------ pipeline
+DEMO_CONFIG = DetectorConfig(
+    epochs=5, latent_dim=16, hidden_dims=(32,), memory_size=64, batch_size=64,
+    predictor=PredictorConfig(warmup_epochs=2, epochs=3),
+)
+
+
+@pytest.fixture(scope="module")
+def corrected():
+    demo = load_demo()
+    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_CONFIG)
+    call_anomalies(run.adata, "fraction", 0.25)
+    before = run.adata.copy()
+    result = correct_detection_run(run, FAST, label_key=LABEL_KEY)
+    return demo, run, before, result
+
+
+def test_every_target_cell_is_corrected_and_anomalies_get_no_kin(corrected):
+    _, run, _, _ = corrected
+    adata = run.adata
+    anomalous = adata.obs[keys.ANOMALY].to_numpy(bool)
+    assert adata.obsm[keys.CORRECTED_LATENT].shape == (adata.n_obs, DEMO_CONFIG.latent_dim)
+    assert np.isfinite(adata.obsm[keys.CORRECTED_LATENT]).all()
+    assert adata.obs[keys.KIN][anomalous].isna().all()
+    assert adata.obs[keys.KIN][~anomalous].notna().all()
+    assert np.isnan(adata.obs[keys.KIN_CONFIDENCE][anomalous]).all()
+    assert adata.obs[keys.KIN_CONFIDENCE][~anomalous].between(0, 1).all()
+
+
+def test_kin_are_reference_cells(corrected):
+    demo, run, _, _ = corrected
+    kin = run.adata.obs[keys.KIN].dropna().astype(str)
+    assert kin.isin(demo.reference.obs_names).all()
+
+
+def test_corrected_layer_fills_the_model_genes_only(corrected):
+    _, run, _, _ = corrected
+    adata = run.adata
+    layer = adata.layers[keys.CORRECTED]
+    model_genes = adata.var[keys.MODEL_GENE].to_numpy()
+    assert layer.shape == adata.shape
+    assert model_genes.sum() == len(run.detector.genes)
+    assert layer[:, ~model_genes].nnz == 0
+    assert layer[:, model_genes].nnz > 0
+    assert layer.data.min() >= 0
+
+
+def test_metrics_before_and_after_are_recorded(corrected):
+    _, run, _, result = corrected
+    saved = run.adata.uns[keys.UNS][keys.CORRECTION]
+    for stage in ("before", "after"):
+        assert set(saved["metrics"][stage]) == {"batch_entropy", "ilisi", "label_purity"}
+        assert all(0 <= v <= 1 for v in saved["metrics"][stage].values())
+    assert saved["metrics"] == result.metrics
+    assert saved["n_kin_pairs"] == int((~run.adata.obs[keys.ANOMALY]).sum())
+    assert len(saved["history"]["style_reconstruction"]) == FAST.style.epochs
+
+
+def test_correction_leaves_the_detection_results_alone(corrected):
+    _, run, before, _ = corrected
+    for key in (keys.SCORE, keys.ANOMALY, keys.BATCH):
+        assert run.adata.obs[key].equals(before.obs[key])
+    np.testing.assert_array_equal(run.adata.obsm[keys.LATENT], before.obsm[keys.LATENT])
+    np.testing.assert_array_equal(run.adata.X.toarray(), before.X.toarray())
+
+
+def test_corrected_result_writes_to_h5ad_and_reads_back(corrected, tmp_path):
+    _, run, _, _ = corrected
+    write_h5ad(run.adata, tmp_path / "out.h5ad")
+    back = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert back.obs[keys.KIN].isna().sum() == run.adata.obs[keys.KIN].isna().sum()
+    assert (back.layers[keys.CORRECTED] != run.adata.layers[keys.CORRECTED]).nnz == 0
+
+
+def test_a_new_threshold_marks_the_correction_stale(corrected):
+    _, run, _, _ = corrected
+    adata = run.adata.copy()
+    assert not correction_is_stale(adata)
+    call_anomalies(adata, "fraction", 0.4)
+    assert correction_is_stale(adata)
+
+
+def test_label_key_must_exist_in_targets_and_reference(corrected):
+    demo, run, _, _ = corrected
+    inputs = ModelInputs.from_prepared(run.prepared)
+    assert LABEL_KEY in shared_label_columns(run.adata, inputs)
+    assert keys.SCORE not in shared_label_columns(run.adata, inputs)
+    with pytest.raises(InputError, match="not an obs column of both"):
+        correct_detection_run(run, FAST, label_key="donor")
+
+
+def test_correction_needs_enough_normal_cells(corrected):
+    _, run, _, _ = corrected
+    adata = run.adata.copy()
+    call_anomalies(adata, "fraction", 0.99)
+    with pytest.raises(InputError, match="called normal"):
+        correct_batches(adata, ModelInputs.from_prepared(run.prepared), run.detector, FAST)
+
+
+def test_layout_places_every_cell_and_draws_kin_segments(corrected):
+    demo, run, _, result = corrected
+    layout = correction_layout(run.adata, result, demo.reference.obs_names, max_cells=300)
+    assert len(layout) == 300
+    assert np.isfinite(layout[list(BEFORE + AFTER)].to_numpy()).all()
+    segments = kin_segments(layout, AFTER, n_pairs=20)
+    assert 0 < len(segments) <= 20
+    first = layout.set_index(CELL).loc[segments[CELL].iloc[0]]
+    assert (segments.iloc[0][["x0", "y0"]].to_numpy() == first[list(AFTER)].to_numpy()).all()
