@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         help="batch-correct the targets (modules II and III; default: on when the targets hold more than one batch)",
     )
     correction.add_argument("--no-correct", dest="correct", action="store_false", help="skip batch correction")
+    run.add_argument("--correction-epochs", type=int, help="training epochs of modules II and III (default: automatic)")
     run.add_argument("--label-key", help="obs column in targets and reference (e.g. cell type) to measure label purity")
     run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
     run.add_argument("--model", type=Path, help="score with a saved model instead of training")
@@ -106,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.correct if args.correct is not None else n_batches > 1:
         with _ProgressBar() as bar:
             correction = correct_detection_run(
-                run, CorrectionConfig.seeded(args.seed, args.device), label_key=args.label_key, progress=bar.update
+                run, _correction_config(args), label_key=args.label_key, progress=bar.update
             )
         print(_describe_metrics(correction.metrics), file=sys.stderr)
     write_h5ad(adata, args.out)
@@ -118,6 +120,17 @@ def _run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
     return 0
+
+
+def _correction_config(args: argparse.Namespace) -> CorrectionConfig:
+    config = CorrectionConfig.seeded(args.seed, args.device)
+    if args.correction_epochs is None:
+        return config
+    return dataclasses.replace(
+        config,
+        kin=dataclasses.replace(config.kin, epochs=args.correction_epochs),
+        style=dataclasses.replace(config.style, epochs=args.correction_epochs),
+    )
 
 
 def _describe_metrics(metrics: dict) -> str:

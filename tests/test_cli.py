@@ -11,7 +11,7 @@ import pytest
 from acsleuth_core import keys
 from acsleuth_core.cli import main
 
-QUICK = ["--epochs", "15", "--seed", "3"]
+QUICK = ["--epochs", "15", "--seed", "3", "--correction-epochs", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,25 @@ def test_run_writes_annotated_anndata_and_cell_table(demo_run, demo_files):
     assert cells[keys.ANOMALY].sum() == adata.obs[keys.ANOMALY].sum()
 
 
+def test_run_corrects_batches_by_default_when_targets_hold_two_batches(demo_run):
+    out, table, _ = demo_run
+    adata = ad.read_h5ad(out)
+    normal = ~adata.obs[keys.ANOMALY].to_numpy(bool)
+    assert adata.obs[keys.KIN][normal].notna().all()
+    assert adata.obsm[keys.CORRECTED_LATENT].shape[0] == adata.n_obs
+    assert adata.layers[keys.CORRECTED].shape == adata.shape
+    assert set(adata.uns[keys.UNS][keys.CORRECTION]["metrics"]) == {"before", "after"}
+    cells = pd.read_csv(table)
+    assert cells[keys.KIN].notna().sum() == normal.sum()
+
+
 def test_a_saved_model_scores_new_targets_identically_without_retraining(demo_run, demo_files, tmp_path):
     out, _, model = demo_run
     again = tmp_path / "again.h5ad"
     code = main([
         "run", "--reference", str(demo_files / "reference.h5ad"),
         "--target", str(demo_files / "sample_A.h5ad"), str(demo_files / "sample_B.h5ad"),
-        "--out", str(again), "--model", str(model), *QUICK,
+        "--out", str(again), "--model", str(model), "--no-correct", *QUICK,
     ])
     assert code == 0
     np.testing.assert_array_equal(ad.read_h5ad(again).obs[keys.SCORE], ad.read_h5ad(out).obs[keys.SCORE])
@@ -77,6 +89,7 @@ def test_expected_fraction_overrides_the_label_free_call(demo_run, demo_files, t
     adata = ad.read_h5ad(out)
     assert abs(adata.obs[keys.ANOMALY].sum() - 0.25 * adata.n_obs) <= 1
     assert adata.uns[keys.UNS]["threshold"]["method"] == "fraction"
+    assert keys.KIN not in adata.obs  # one target batch: correction is off unless asked for
 
 
 def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
