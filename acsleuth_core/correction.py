@@ -93,6 +93,12 @@ def correct_batches(
             f"and needs at least {MIN_NORMAL_CELLS}. Lower the anomaly threshold on the Detect step, or skip correction."
         )
     batches = adata.obs[keys.BATCH].astype(str).to_numpy()
+    without_normal = sorted(set(batches) - set(batches[normal]))
+    if without_normal:
+        raise InputError(
+            f"Every cell of {', '.join(without_normal)} is called anomalous, so no batch style can be learnt for it; "
+            "lower the anomaly threshold on the Detect step, or leave that sample out of the correction."
+        )
     target_X = sp.csr_matrix(inputs.target.X)
     reference_X = sp.csr_matrix(inputs.reference.X)
     target_latent = np.asarray(adata.obsm[keys.LATENT], dtype=np.float32)

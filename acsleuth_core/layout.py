@@ -57,7 +57,7 @@ def correction_layout(
 
 def kin_segments(layout: pd.DataFrame, columns: tuple[str, str], n_pairs: int, seed: int = 0) -> pd.DataFrame:
     """Up to ``n_pairs`` kin pairs whose two cells are both laid out, as ``x0, y0, x1, y1`` rows."""
-    positions = layout.set_index(CELL)[list(columns)]
+    positions = layout[layout[IS_REFERENCE]].set_index(CELL)[list(columns)]
     targets = layout[(layout[keys.KIN] != "") & layout[keys.KIN].isin(positions.index)]
     if len(targets) > n_pairs:
         targets = targets.sample(n_pairs, random_state=seed)

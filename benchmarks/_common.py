@@ -9,6 +9,7 @@ a spawned child's ``ru_maxrss`` starts from the parent's RSS at fork time
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import shlex
 import sys
@@ -54,6 +55,37 @@ def run_in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (2 cores here: above ~2, other work competed)."""
+    return os.getloadavg()[0]
+
+
+@dataclass
+class Measured:
+    """Wall time, CPU time, load average at the end and peak RSS of a block run in this process."""
+
+    seconds: float = float("nan")
+    cpu: float = float("nan")
+    load: float = float("nan")
+    peak_rss_mib: float = float("nan")
+    _start: tuple[float, float] = (0.0, 0.0)
+
+    def __enter__(self) -> "Measured":
+        self._start = (time.perf_counter(), cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, cpu = self._start
+        self.seconds = time.perf_counter() - wall
+        self.cpu = cpu_seconds() - cpu
+        self.load = load_average()
+        self.peak_rss_mib = peak_rss_mib()
+
+    def as_dict(self) -> dict[str, float]:
+        """The columns the benchmark reports use: ``seconds``, ``CPU s``, ``load``, ``peak RSS MiB``."""
+        return {"seconds": self.seconds, "CPU s": self.cpu, "load": self.load, "peak RSS MiB": self.peak_rss_mib}
 
 
 @dataclass
@@ -218,6 +250,20 @@ def mean_std(values: Sequence[float], digits: int) -> str:
     if arr.size == 1:
         return f"{arr[0]:.{digits}f}"
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=0):.{digits}f}"
+
+
+def summarise(
+    results: Sequence[Mapping[str, Any]], by: Sequence[str], columns: Mapping[str, int]
+) -> list[dict]:
+    """One row per distinct ``by`` values (first-seen order): ``seeds`` and mean ± std of each column (decimals)."""
+    rows = []
+    for group in dict.fromkeys(tuple(r[b] for b in by) for r in results):
+        runs = [r for r in results if tuple(r[b] for b in by) == group]
+        row = {**dict(zip(by, group)), "seeds": len(runs)}
+        for column, digits in columns.items():
+            row[column] = mean_std([r.get(column, np.nan) for r in runs], digits)
+        rows.append(row)
+    return rows
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

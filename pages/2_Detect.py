@@ -16,9 +16,12 @@ from pages.ui.frame import (
     job_registry,
     loaded_data,
     open_run,
+    run_result,
     run_store,
+    save_run_result,
     show_error,
 )
+from pages.ui.progress import follow_job
 
 frame("Detect")
 st.title("2 · Detect anomalous cells")
@@ -55,47 +58,24 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
             st.rerun()
 
 
-@st.fragment(run_every=1.0)
-def training_progress() -> None:
-    """Poll the background job; rerun the page when it ends."""
-    status = job.status()
-    if not status.active:
-        st.rerun(scope="app")
-    event = status.progress
-    if event is None:
-        st.progress(0.0, text="Starting…")
-    else:
-        st.progress(event.fraction, text=describe_progress(event))
-    if st.button("Cancel training"):
-        job.cancel()
-
-
-if busy:
-    st.info("Training runs in the background: you can switch pages and come back.")
-    training_progress()
-    st.stop()
-if job is not None and job.status().state in ("failed", "cancelled"):
-    st.warning(f"The last run {job.status().state}: {job.status().message}")
+follow_job(
+    job, running="Training runs in the background: you can switch pages and come back.",
+    cancel_label="Cancel training", noun="run",
+    finishing={"predictor": "Scoring the target cells and saving the run…"},
+)
 
 run = current_run()
 if run is None or not run.has_result:
     st.stop()
 
 
-def result_for(run_id: str):
-    """The run's annotated AnnData, read from disk once per session and kept while it is unchanged."""
-    cached = st.session_state.get("result")
-    if cached is None or cached[0] != run_id:
-        cached = (run_id, run.load_result())
-        st.session_state["result"] = cached
-    return cached[1]
-
-
-adata = result_for(run.id)
+adata = run_result(run)
 saved = adata.uns[keys.UNS]["threshold"]
 scores = adata.obs[keys.SCORE]
 st.subheader(f"Anomaly scores · {run.info.get('name', run.id)}")
 
+if keys.CORRECTION in adata.uns[keys.UNS]:
+    st.caption("This run's batches were corrected: after a new threshold, correct them again (Correct step), since kin pairs are learnt from the calls.")
 METHOD_LABELS = {"label_free": "label-free (default)", "fraction": "expected anomaly fraction", "manual": "manual"}
 with st.form("threshold"):
     method = st.radio(
@@ -115,7 +95,7 @@ with st.form("threshold"):
     if st.form_submit_button("Apply threshold"):
         try:
             call_anomalies(adata, method, {"fraction": fraction, "manual": manual}.get(method))
-            run_store().save_result(run, adata)
+            save_run_result(run, adata)
         except (ACsleuthError, ValueError) as error:
             show_error(error)
 
@@ -130,4 +110,5 @@ st.dataframe(
 st.caption(f"Cells scoring above {threshold['value']:.4g} are called anomalous ({METHOD_LABELS[threshold['method']]}).")
 with st.expander("Training curves"):
     st.plotly_chart(loss_curves(adata), width="stretch")
-st.page_link("pages/3_Export.py", label="Next: export the annotated cells", icon="➡️")
+st.page_link("pages/3_Correct.py", label="Next: correct batch effects", icon="➡️")
+st.page_link("pages/4_Export.py", label="Or skip correction: export the annotated cells", icon="⏭️")

@@ -8,6 +8,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from acsleuth_core import keys
+from acsleuth_core.runs import RunStore
 from pages.ui.frame import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,9 @@ def test_training_runs_in_the_background_and_shows_the_histogram():
     assert not at.exception
     counts = at.dataframe[0].value
     assert set(counts["sample"]) == {"sample_A", "sample_B"}
-    assert counts["called anomalous"].sum() > 0
+    result = RunStore().get(at.session_state["run_id"]).load_result()
+    assert counts["called anomalous"].sum() == result.obs[keys.ANOMALY].sum()
+    assert counts["cells"].sum() == result.n_obs
     assert len(at.get("plotly_chart")) >= 1
 
 
@@ -100,7 +103,7 @@ def test_threshold_change_updates_the_counts():
 def test_export_page_offers_every_download_after_a_run():
     at = _train_demo(page("pages/2_Detect.py"))
     run_id = at.session_state["run_id"]
-    export = page("pages/3_Export.py")
+    export = page("pages/4_Export.py")
     export.session_state["run_id"] = run_id
     export.run()
     assert not export.exception
@@ -108,6 +111,68 @@ def test_export_page_offers_every_download_after_a_run():
     assert {"cell", keys.SCORE, keys.ANOMALY, keys.BATCH} <= set(table.columns)
     labels = [el.proto.label for el in export.get("download_button")]
     assert labels == ["Cell table (CSV)", "Cell table (Parquet)", "Annotated AnnData (.h5ad)", "Trained model (.zip)"]
+
+
+def _correct(run_id: str, *, label_key: str = "none") -> AppTest:
+    """Open the Correct page on a finished run and correct it with few epochs; return the page once it shows results."""
+    at = page("pages/3_Correct.py")
+    at.session_state["run_id"] = run_id
+    at.run()
+    at.number_input(key="correction_epochs").set_value(5)
+    at.selectbox(key="correction_labels").set_value(label_key)
+    [b for b in at.button if b.label == "Correct batches"][0].click().run()
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        at.run()
+        if at.metric or at.warning:
+            return at
+    raise AssertionError("correction did not finish in time")
+
+
+def test_correct_page_asks_for_a_detection_run_first():
+    at = page("pages/3_Correct.py").run()
+    assert not at.exception
+    assert any("finish a detection run first" in info.value for info in at.info)
+    assert not [b for b in at.button if b.label == "Correct batches"]
+
+
+def test_correction_runs_in_the_background_and_shows_metrics_and_maps():
+    run_id = _train_demo(page("pages/2_Detect.py")).session_state["run_id"]
+    at = _correct(run_id, label_key="cell_type")
+    assert not at.exception
+    assert not at.warning, [w.value for w in at.warning]
+    labels = [m.label for m in at.metric]
+    assert labels == ["Batch mixing (kNN batch entropy)", "iLISI", "Label purity (cell_type)"]
+    for metric in at.metric:
+        assert 0.0 <= float(metric.value) <= 1.0
+        assert "before" in metric.proto.delta
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3, "kin pairs, before/after by sample, training curves"
+    at.slider(key="kin_pairs_drawn").set_value(20).run()
+    at.selectbox(key="umap_colour").set_value("cell_type").run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == 4, "a second before/after figure coloured by cell type"
+    assert "Correct · done" in " ".join(md.value for md in at.sidebar.markdown).replace("**", "").replace("✓ ", "")
+
+
+def test_a_threshold_change_after_correction_is_flagged_and_a_failed_correction_is_explained():
+    run_id = _train_demo(page("pages/2_Detect.py")).session_state["run_id"]
+    _correct(run_id)
+    detect = page("pages/2_Detect.py")
+    detect.session_state["run_id"] = run_id
+    detect.run()
+    detect.radio[0].set_value("fraction")
+    detect.number_input(key="threshold_fraction").set_value(0.999)
+    [b for b in detect.button if b.label == "Apply threshold"][0].click().run()
+    assert not detect.exception
+
+    at = _correct(run_id)
+    assert not at.exception
+    warnings = [w.value for w in at.warning]
+    assert any("threshold changed" in w for w in warnings), warnings
+    assert any("correction failed" in w and "called normal" in w for w in warnings), "too few normal cells is explained"
+    assert at.metric, "the earlier correction's results stay on the page"
 
 
 def test_a_refresh_reopens_the_run_named_in_the_url():

@@ -45,7 +45,8 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     """A Streamlit server on localhost with the demo loaded and its own run folder."""
     port = _free_port()
-    env = {**os.environ, "ACSLEUTH_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    # one torch thread, as in conftest.py: on a busy 2-core machine two threads stall each other (2× slower here)
+    env = {**os.environ, "ACSLEUTH_RUNS_DIR": str(tmp_path_factory.mktemp("runs")), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                "--server.headless", "true", "--server.address", "127.0.0.1", "--", "--demo"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,7 +79,16 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def test_demo_trains_shows_scores_exports_and_survives_a_refresh(server, browser):
+def _shot_tall(page, name: str, height: int) -> None:
+    """Streamlit scrolls inside its own container, so a full-page shot is one viewport: grow it for the shot."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": height})
+    page.wait_for_timeout(1500)
+    _shot(page, name)
+    page.set_viewport_size(size)
+
+
+def test_demo_trains_shows_scores_corrects_exports_and_survives_a_refresh(server, browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
     page.goto(f"{server}/Detect")
@@ -92,7 +102,20 @@ def test_demo_trains_shows_scores_exports_and_survives_a_refresh(server, browser
     run_url = page.url
     assert "run=" in run_url
 
-    page.get_by_role("link", name="Next: export the annotated cells").click()
+    page.get_by_role("link", name="Next: correct batch effects").click()
+    epochs = page.get_by_role("spinbutton", name="Epochs per module (0 = automatic)")
+    epochs.fill("5")
+    epochs.press("Enter")
+    page.get_by_role("button", name="Correct batches").click()
+    page.get_by_role("button", name="Cancel correction").wait_for(timeout=30_000)
+    _shot(page, "correct_progress")
+    page.get_by_text("Batch mixing before").wait_for(timeout=240_000)
+    page.locator("[data-testid='stMetric']").nth(1).wait_for(timeout=30_000)
+    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)
+    assert page.get_by_text("iLISI").count() >= 1
+    _shot_tall(page, "correct_results", 2600)
+
+    page.get_by_role("link", name="Next: export the corrected cells").click()
     page.get_by_role("button", name="Cell table (CSV)").wait_for(timeout=60_000)
     _shot(page, "export")
     with page.expect_download() as download:

@@ -16,17 +16,26 @@ import streamlit as st
 
 from acsleuth_core.demo import load_demo
 from acsleuth_core.errors import ACsleuthError
-from acsleuth_core.jobs import JobRegistry
-from acsleuth_core.runs import Run, RunStore
+from acsleuth_core.jobs import Job, JobRegistry
+from acsleuth_core.model_inputs import ModelInputs
+from acsleuth_core.runs import RESULT_FILE, Run, RunStore
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STEPS = [
     ("Data", "a reference of normal cells and at least one target"),
     ("Detect", "loaded data (Data step)"),
+    ("Correct", "a finished detection run"),
     ("Export", "a finished detection run"),
 ]
+#: steps that can start as soon as detection is done
+AFTER_DETECTION = ("Correct", "Export")
 #: how training stages are named to the user
-STAGE_LABELS = {"module I": "Training the reconstruction model", "predictor": "Training the anomaly predictor"}
+STAGE_LABELS = {
+    "module I": "Training the reconstruction model",
+    "predictor": "Training the anomaly predictor",
+    "module II": "Pairing target cells with reference kin",
+    "module III": "Learning batch styles",
+}
 
 
 @dataclass
@@ -69,11 +78,17 @@ def frame(step: str) -> None:
         st.query_params["run"] = run.id
     with st.sidebar:
         st.markdown("**Analysis steps**")
-        ready = {"Data": data is not None, "Detect": run is not None and run.has_result}
+        ready = {
+            "Data": data is not None,
+            "Detect": run is not None and run.has_result,
+            "Correct": run is not None and run.has_layout and correction_status(run) == "done",
+        }
         for name, needs in STEPS:
             if ready.get(name):
                 st.markdown(f"✓ **{name}** · done")
-            elif name == "Export" and ready["Detect"]:
+            elif name == "Correct" and run is not None and correction_status(run) == "running":
+                st.markdown(f"→ **{name}** · running")
+            elif name in AFTER_DETECTION and ready["Detect"]:
                 st.markdown(f"→ **{name}** · ready")
             else:
                 st.markdown(f"{'→' if name == step else '·'} **{name}** · needs {needs}")
@@ -105,6 +120,47 @@ def current_run() -> Optional[Run]:
     except ACsleuthError:
         st.session_state.pop("run_id", None)
         return None
+
+
+def correction_status(run: Run) -> Optional[str]:
+    """``running``, ``done``, ``failed``, ``cancelled`` or None (never corrected), as ``run.json`` records it."""
+    return (run.info.get("correction") or {}).get("status")
+
+
+def correction_job(run: Run) -> Optional[Job]:
+    """This session's batch-correction job for ``run``, if it started one (running or ended)."""
+    started = st.session_state.get("correction_job") or {}
+    return job_registry().get(started.get("job")) if started.get("run") == run.id else None
+
+
+def remember_correction_job(run: Run, job: Job) -> None:
+    st.session_state["correction_job"] = {"run": run.id, "job": job.id}
+
+
+def run_inputs(run: Run) -> ModelInputs:
+    """The cells as the run's model saw them, read once per session and run."""
+    cached = st.session_state.get("inputs")
+    if cached is None or cached[0] != run.id:
+        cached = (run.id, run.load_inputs())
+        st.session_state["inputs"] = cached
+    return cached[1]
+
+
+def run_result(run: Run) -> ad.AnnData:
+    """The run's annotated AnnData, read from disk once per session and again only when the file changed
+    (e.g. a correction finished), so every page sees the latest result."""
+    stamp = (run.id, (run.folder / RESULT_FILE).stat().st_mtime_ns)
+    cached = st.session_state.get("result")
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, run.load_result())
+        st.session_state["result"] = cached
+    return cached[1]
+
+
+def save_run_result(run: Run, adata: ad.AnnData) -> None:
+    """Overwrite the run's result on disk (atomically) and keep it as this session's copy."""
+    run_store().save_result(run, adata)
+    st.session_state["result"] = ((run.id, (run.folder / RESULT_FILE).stat().st_mtime_ns), adata)
 
 
 def open_run(run_id: str) -> None:
