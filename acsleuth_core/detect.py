@@ -50,7 +50,7 @@ import torch
 from . import threshold as thr
 from .errors import ModelError
 from .mmd import PredictorConfig, fit_predictor, predict_logits
-from .nn.adversarial import AdversarialConfig, train_adversarial
+from .nn.adversarial import AdversarialConfig, epochs_for_steps, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
@@ -89,10 +89,7 @@ class DetectorConfig:
 
     def n_epochs(self, n_cells: int) -> int:
         """``epochs`` when given, else enough passes for about ``target_steps`` mini-batches (20–400)."""
-        if self.epochs is not None:
-            return self.epochs
-        per_epoch = max(1, -(-n_cells // self.batch_size))
-        return int(np.clip(round(self.target_steps / per_epoch), 20, 400))
+        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (20, 400))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -162,11 +159,8 @@ class AnomalyDetector:
         batch_size = min(cfg.batch_size, X_train.shape[0])
 
         def epoch_batches() -> Iterator[torch.Tensor]:
-            order = torch.randperm(X_train.shape[0], generator=generator_rng).numpy()
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                if len(rows) > 1:
-                    yield _dense(X_train[rows], device)
+            for rows in shuffled_rows(X_train.shape[0], batch_size, generator_rng):
+                yield _dense(X_train[rows.numpy()], device)
 
         self.history = train_adversarial(
             ReconstructionTask(self.generator, critic),

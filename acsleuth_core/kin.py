@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .neighbours import nearest
-from .nn.adversarial import AdversarialConfig, GeneratorOutput, train_adversarial
+from .nn.adversarial import AdversarialConfig, GeneratorOutput, epochs_for_steps, shuffled_rows, train_adversarial
 from .nn.reconstruction import critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
@@ -51,10 +51,7 @@ class KinConfig:
 
     def n_epochs(self, n_cells: int) -> int:
         """``epochs`` when given, else about ``target_steps`` mini-batches (every row updated 10–200 times)."""
-        if self.epochs is not None:
-            return self.epochs
-        per_epoch = max(1, -(-n_cells // self.batch_size))
-        return int(np.clip(round(self.target_steps / per_epoch), 10, 200))
+        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (10, 200))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -148,11 +145,8 @@ def find_kin_pairs(
     batch_size = min(config.batch_size, len(aligned))
 
     def epoch_batches() -> Iterator[torch.Tensor]:
-        order = torch.randperm(len(aligned), generator=generator_rng)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            if len(rows) > 1:
-                yield rows.to(device)
+        for rows in shuffled_rows(len(aligned), batch_size, generator_rng):
+            yield rows.to(device)
 
     history = train_adversarial(
         KinTask(mapping, target), epoch_batches, adversarial, stage="module II", progress=progress, cancel=cancel

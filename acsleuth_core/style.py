@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .nn.adversarial import AdversarialConfig, GeneratorOutput, train_adversarial
+from .nn.adversarial import AdversarialConfig, GeneratorOutput, epochs_for_steps, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
@@ -52,10 +52,7 @@ class StyleConfig:
 
     def n_epochs(self, n_cells: int) -> int:
         """``epochs`` when given, else about ``target_steps`` mini-batches (10–300 passes)."""
-        if self.epochs is not None:
-            return self.epochs
-        per_epoch = max(1, -(-n_cells // self.batch_size))
-        return int(np.clip(round(self.target_steps / per_epoch), 10, 300))
+        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (10, 300))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -189,14 +186,14 @@ class StyleTransfer:
         )
         batch_size = min(cfg.batch_size, len(pool))
 
-        def epoch_batches() -> Iterator[torch.Tensor]:
-            order = torch.randperm(len(pool), generator=generator_rng)
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                if len(rows) > 1:
-                    yield rows
-
-        self.history = train_adversarial(task, epoch_batches, adversarial, stage="module III", progress=progress, cancel=cancel)
+        self.history = train_adversarial(
+            task,
+            lambda: shuffled_rows(len(pool), batch_size, generator_rng),
+            adversarial,
+            stage="module III",
+            progress=progress,
+            cancel=cancel,
+        )
         self.generator.cpu()
         return self
 

@@ -11,7 +11,6 @@ from acsleuth_core.runs import start_detection_run
 from acsleuth_core.runtime import resolve_device
 from pages.ui.frame import (
     current_run,
-    describe_progress,
     frame,
     job_registry,
     loaded_data,

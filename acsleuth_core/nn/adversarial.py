@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Callable, Iterable, Iterator, Optional, Protocol
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -53,6 +55,24 @@ class AdversarialTask(Protocol):
     def generate(self, batch: torch.Tensor) -> GeneratorOutput: ...
 
     def after_generator_step(self, output: GeneratorOutput) -> None: ...
+
+
+def epochs_for_steps(epochs: Optional[int], target_steps: int, n_cells: int, batch_size: int, bounds: tuple[int, int]) -> int:
+    """``epochs`` when given, else enough passes for about ``target_steps`` mini-batches, clipped to ``bounds``."""
+    if epochs is not None:
+        return epochs
+    per_epoch = max(1, -(-n_cells // batch_size))
+    return int(np.clip(round(target_steps / per_epoch), *bounds))
+
+
+def shuffled_rows(n_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices in a fresh random order, in mini-batches; a last batch of one row is skipped
+    (a critic's gradient penalty and LayerNorm need at least two)."""
+    order = torch.randperm(n_rows, generator=generator)
+    for start in range(0, n_rows, batch_size):
+        rows = order[start : start + batch_size]
+        if len(rows) > 1:
+            yield rows
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
