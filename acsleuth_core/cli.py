@@ -15,13 +15,14 @@ from typing import Optional, Sequence
 from . import keys
 from .demo import load_demo
 from .detect import AnomalyDetector, DetectorConfig
-from .errors import ACsleuthError
+from .errors import ACsleuthError, InputError
 from .export import cell_table, write_h5ad, write_table
 from .io import read_cells
 from .correction import CorrectionConfig
-from .pipeline import call_anomalies, correct_detection_run, detect_anomalies
+from .pipeline import call_anomalies, correct_detection_run, detect_anomalies, subtype_detection_run
 from .progress import ProgressEvent
 from .runtime import DEVICES
+from .subtypes import SubtypeConfig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     correction.add_argument("--no-correct", dest="correct", action="store_false", help="skip batch correction")
     run.add_argument("--correction-epochs", type=int, help="training epochs of modules II and III (default: automatic)")
+    run.add_argument(
+        "--n-subtypes", default="auto", type=_n_subtypes,
+        help="split the anomalies into K subtypes (module IV), 'auto' to choose K, or 0 to skip (default: auto)",
+    )
+    run.add_argument("--subtype-resolution", type=float, default=SubtypeConfig.resolution, help="Leiden resolution tried in the automatic mode")
     run.add_argument("--label-key", help="obs column in targets and reference (e.g. cell type) to measure label purity")
     run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
     run.add_argument("--model", type=Path, help="score with a saved model instead of training")
@@ -111,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
                 run, _correction_config(args), label_key=args.label_key, progress=bar.update
             )
         print(_describe_metrics(correction.metrics), file=sys.stderr)
+    if args.n_subtypes != 0:
+        _subtype(run, args)
     write_h5ad(adata, args.out)
     if args.table:
         write_table(cell_table(adata), args.table)
@@ -120,6 +128,30 @@ def _run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
     return 0
+
+
+def _subtype(run, args: argparse.Namespace) -> None:
+    """Module IV on the run; too few anomalies skip it with a message instead of losing the run."""
+    config = SubtypeConfig(n_subtypes=args.n_subtypes, resolution=args.subtype_resolution, seed=args.seed)
+    try:
+        with _ProgressBar() as bar:
+            result = subtype_detection_run(run, config, progress=bar.update)
+    except InputError as error:
+        print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
+        return
+    print(f"{result.subtypes.k_chosen} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
+
+
+def _n_subtypes(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the number of subtypes cannot be negative")
+    return value
 
 
 def _correction_config(args: argparse.Namespace) -> CorrectionConfig:

@@ -161,7 +161,12 @@ def annotate_correction(
 
 def correction_is_stale(adata: ad.AnnData) -> bool:
     """True when the anomaly threshold changed after correction (kin pairs were learnt from other calls)."""
-    saved = adata.uns.get(keys.UNS, {}).get(keys.CORRECTION)
+    return threshold_changed_since(adata, keys.CORRECTION)
+
+
+def threshold_changed_since(adata: ad.AnnData, entry: str) -> bool:
+    """True when ``uns[UNS][entry]`` records another anomaly threshold than the current one (False if absent)."""
+    saved = adata.uns.get(keys.UNS, {}).get(entry)
     if not saved:
         return False
     return not np.isclose(float(saved["threshold"]), float(adata.uns[keys.UNS]["threshold"]["value"]))

@@ -262,6 +262,11 @@ class AnomalyDetector:
         self._require_fitted()
         return np.vstack([z for _, _, z in self._residual_batches(_as_csr(X))])
 
+    def reconstruction_residuals(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
+        """``x − x̂`` of cells on the model's genes (module I's reconstruction residuals)."""
+        self._require_fitted()
+        return np.vstack([residual for _, residual, _ in self._residual_batches(_as_csr(X))])
+
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
         """Write weights, hyperparameters + genes (JSON) and calibration arrays into ``folder``."""

@@ -14,7 +14,10 @@ import pandas as pd
 from . import keys
 
 #: obs columns of the cell table, in order, when present.
-TABLE_COLUMNS = (keys.BATCH, keys.SCORE, keys.ANOMALY, keys.RESIDUAL_NORM, keys.KIN, keys.KIN_CONFIDENCE)
+TABLE_COLUMNS = (
+    keys.BATCH, keys.SCORE, keys.ANOMALY, keys.RESIDUAL_NORM, keys.KIN, keys.KIN_CONFIDENCE,
+    keys.SUBTYPE, keys.SUBTYPE_CONFIDENCE,
+)
 
 
 def cell_table(adata: ad.AnnData) -> pd.DataFrame:

@@ -30,3 +30,11 @@ CORRECTED_LATENT = "X_acsleuth_corrected"
 MODEL_GENE = "acsleuth_model_gene"
 #: ``uns[UNS]`` entry: correction parameters, metrics before/after and training curves.
 CORRECTION = "correction"
+#: ``obs``: anomaly subtype (categorical "1", "2", …); missing for cells called normal (module IV).
+SUBTYPE = "acsleuth_subtype"
+#: ``obs``: the subtype's soft-assignment probability (largest ``q``), 0–1; missing for cells called normal.
+SUBTYPE_CONFIDENCE = "acsleuth_subtype_confidence"
+#: ``obsm``: fused embedding ``z*`` of module IV; NaN rows for cells called normal.
+FUSED = "X_acsleuth_fused"
+#: ``uns[UNS]`` entry: subtype parameters, chosen k and why, cluster sizes, marker genes.
+SUBTYPES = "subtypes"

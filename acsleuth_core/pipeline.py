@@ -27,6 +27,8 @@ from .errors import InputError
 from .model_inputs import ModelInputs
 from .preprocess import PreparedData, prepare
 from .progress import CancelToken, ProgressCallback
+from .subtypes import SubtypeConfig
+from .subtyping import SubtypeResult, annotate_subtypes, subtype_anomalies
 
 
 @dataclass
@@ -84,6 +86,23 @@ def correct_detection_run(
         run.adata, inputs, run.detector, config, label_key=label_key, progress=progress, cancel=cancel
     )
     annotate_correction(run.adata, result, inputs.genes, config)
+    return result
+
+
+def subtype_detection_run(
+    run: DetectionRun,
+    config: SubtypeConfig = SubtypeConfig(),
+    *,
+    use_correction: bool = True,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> SubtypeResult:
+    """Split a detection run's anomalous cells into subtypes (module IV); writes the subtype keys into ``run.adata``."""
+    inputs = ModelInputs.from_prepared(run.prepared)
+    result = subtype_anomalies(
+        run.adata, inputs, run.detector, config, use_correction=use_correction, progress=progress, cancel=cancel
+    )
+    annotate_subtypes(run.adata, result)
     return result
 
 

@@ -2,8 +2,9 @@
 
 A run folder holds ``run.json`` (name, status, parameters, times, summary),
 the trained model (``model/``), the cells as the model saw them (``inputs/``),
-the annotated target (``result.h5ad``) and, after batch correction, the
-UMAP layout the Correct page draws (``correction_layout.parquet``).
+the annotated target (``result.h5ad``) and the UMAP layouts the pages draw:
+after batch correction ``correction_layout.parquet``, after subtyping
+``subtype_layout.parquet``.
 Every file is written atomically, so a crash or a refresh never leaves a
 half-written result behind. Runs have unique ids, so two browser sessions
 never write into the same folder.
@@ -29,9 +30,12 @@ from .detect import AnomalyDetector, DetectorConfig
 from .errors import Cancelled, InputError
 from .export import atomic_path, write_h5ad
 from .jobs import Job, JobRegistry
+from . import keys
 from .layout import correction_layout
 from .model_inputs import ModelInputs
 from .pipeline import calls_per_batch, detect_anomalies
+from .subtypes import SubtypeConfig
+from .subtyping import annotate_subtypes, subtype_anomalies, subtype_layout
 
 RUNS_DIR_ENV = "ACSLEUTH_RUNS_DIR"
 RUN_FILE = "run.json"
@@ -39,6 +43,7 @@ MODEL_DIR = "model"
 RESULT_FILE = "result.h5ad"
 INPUTS_DIR = "inputs"
 LAYOUT_FILE = "correction_layout.parquet"
+SUBTYPE_LAYOUT_FILE = "subtype_layout.parquet"
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 
 
@@ -82,6 +87,13 @@ class Run:
     def load_layout(self) -> pd.DataFrame:
         return pd.read_parquet(self.folder / LAYOUT_FILE)
 
+    @property
+    def has_subtype_layout(self) -> bool:
+        return (self.folder / SUBTYPE_LAYOUT_FILE).is_file()
+
+    def load_subtype_layout(self) -> pd.DataFrame:
+        return pd.read_parquet(self.folder / SUBTYPE_LAYOUT_FILE)
+
 
 class RunStore:
     """All runs under one folder (default :func:`default_runs_dir`)."""
@@ -109,10 +121,18 @@ class RunStore:
 
     def save_correction(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, metrics: dict) -> Run:
         """Save a corrected result and its layout; record the metrics in ``run.json``."""
-        with atomic_path(run.folder / LAYOUT_FILE) as tmp:
+        self._save_stage_result(run, adata, layout, LAYOUT_FILE)
+        return self.update(run, correction={"status": "done", "metrics": metrics, "finished": _now()})
+
+    def save_subtypes(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, summary: dict) -> Run:
+        """Save a result with subtypes and their layout; record the summary (k, why, sizes) in ``run.json``."""
+        self._save_stage_result(run, adata, layout, SUBTYPE_LAYOUT_FILE)
+        return self.update(run, subtypes={"status": "done", **summary, "finished": _now()})
+
+    def _save_stage_result(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, layout_file: str) -> None:
+        with atomic_path(run.folder / layout_file) as tmp:
             layout.to_parquet(tmp, index=False)
         write_h5ad(adata, run.folder / RESULT_FILE)
-        return self.update(run, correction={"status": "done", "metrics": metrics, "finished": _now()})
 
     def save_result(self, run: Run, adata: ad.AnnData) -> None:
         """Overwrite a finished run's result (e.g. after a new threshold), atomically."""
@@ -212,24 +232,64 @@ def start_correction_run(
     ``run.json`` records the correction's status: ``running``, ``done`` (with
     metrics), ``failed`` (with the message) or ``cancelled``.
     """
-    if not (run.has_result and run.has_inputs):
-        raise InputError("This run has no saved model inputs; train a new detection run, then correct it.")
+    _require_inputs(run)
     run = store.update(run, correction={"status": "running", "params": config.to_json(), "label_key": label_key})
 
     def work(progress, cancel):
+        adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
+        result = correct_batches(adata, inputs, detector, config, label_key=label_key, progress=progress, cancel=cancel)
+        annotate_correction(adata, result, inputs.genes, config)
+        layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.style.seed)
+        return store.save_correction(run, adata, layout, result.metrics)
+
+    return registry.start(_tracked(store, run, "correction", work), name=f"{run.info.get('name', run.id)} · correction")
+
+
+def start_subtype_run(
+    store: RunStore,
+    registry: JobRegistry,
+    run: Run,
+    *,
+    config: SubtypeConfig,
+    use_correction: bool = True,
+) -> Job:
+    """Split a finished run's anomalous cells into subtypes in a background job; save the result and layout.
+
+    No GAN is retrained, so re-clustering with another k or resolution is
+    cheap. ``run.json`` records the stage's status as for the correction.
+    """
+    _require_inputs(run)
+    params = config.to_json() | {"n_subtypes": str(config.n_subtypes), "use_correction": use_correction}
+    run = store.update(run, subtypes={"status": "running", "params": params})
+
+    def work(progress, cancel):
+        adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
+        result = subtype_anomalies(adata, inputs, detector, config, use_correction=use_correction, progress=progress, cancel=cancel)
+        annotate_subtypes(adata, result)
+        layout = subtype_layout(adata, seed=config.seed)
+        saved = adata.uns[keys.UNS][keys.SUBTYPES]
+        summary = {"params": params, "k_chosen": saved["k_chosen"], "k_reason": saved["k_reason"], "sizes": saved["sizes"]}
+        return store.save_subtypes(run, adata, layout, summary)
+
+    return registry.start(_tracked(store, run, "subtypes", work), name=f"{run.info.get('name', run.id)} · subtypes")
+
+
+def _require_inputs(run: Run) -> None:
+    if not (run.has_result and run.has_inputs):
+        raise InputError("This run has no saved model inputs; train a new detection run first.")
+
+
+def _tracked(store: RunStore, run: Run, stage: str, work):
+    """``work`` with its failure or cancellation recorded as ``run.json[stage]`` (keeping the stage's params)."""
+
+    def tracked(progress, cancel):
         try:
-            adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
-            result = correct_batches(
-                adata, inputs, detector, config, label_key=label_key, progress=progress, cancel=cancel
-            )
-            annotate_correction(adata, result, inputs.genes, config)
-            layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.style.seed)
-            return store.save_correction(run, adata, layout, result.metrics)
+            return work(progress, cancel)
         except Cancelled as error:
-            store.update(run, correction={"status": "cancelled", "message": str(error)})
+            store.update(run, **{stage: {**run.info.get(stage, {}), "status": "cancelled", "message": str(error)}})
             raise
         except Exception as error:
-            store.update(run, correction={"status": "failed", "message": str(error)})
+            store.update(run, **{stage: {**run.info.get(stage, {}), "status": "failed", "message": str(error)}})
             raise
 
-    return registry.start(work, name=f"{run.info.get('name', run.id)} · correction")
+    return tracked

@@ -90,6 +90,37 @@ def test_expected_fraction_overrides_the_label_free_call(demo_run, demo_files, t
     assert abs(adata.obs[keys.ANOMALY].sum() - 0.25 * adata.n_obs) <= 1
     assert adata.uns[keys.UNS]["threshold"]["method"] == "fraction"
     assert keys.KIN not in adata.obs  # one target batch: correction is off unless asked for
+    anomalous = adata.obs[keys.ANOMALY].to_numpy(bool)
+    assert adata.obs[keys.SUBTYPE][anomalous].notna().all()  # subtypes are on by default (auto k)
+    assert "silhouette" in adata.uns[keys.UNS][keys.SUBTYPES]["k_reason"]
+
+
+def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_path, capsys):
+    _, _, model = demo_run
+    common = [
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--model", str(model), "--expected-fraction", "0.25",
+    ]
+    assert main([*common, "--out", str(tmp_path / "k2.h5ad"), "--n-subtypes", "2", "--table", str(tmp_path / "k2.csv")]) == 0
+    two = ad.read_h5ad(tmp_path / "k2.h5ad")
+    assert list(two.obs[keys.SUBTYPE].cat.categories) == ["1", "2"]
+    assert pd.read_csv(tmp_path / "k2.csv")[keys.SUBTYPE].dropna().isin([1, 2]).all()
+    assert main([*common, "--out", str(tmp_path / "none.h5ad"), "--n-subtypes", "0"]) == 0
+    assert keys.SUBTYPE not in ad.read_h5ad(tmp_path / "none.h5ad").obs
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "bad.h5ad"), "--n-subtypes", "many"])
+    assert "whole number or 'auto'" in capsys.readouterr().err
+
+
+def test_too_few_anomalies_skip_subtypes_with_a_message_and_keep_the_run(demo_run, demo_files, tmp_path, capsys):
+    _, _, model = demo_run
+    out = tmp_path / "few.h5ad"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--out", str(out), "--model", str(model), "--threshold", "1.0",
+    ])
+    assert code == 0 and out.exists()
+    assert "subtypes skipped" in capsys.readouterr().err
 
 
 def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):

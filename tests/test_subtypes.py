@@ -1,0 +1,214 @@
+"""Module IV: fusion, DESC-style clustering, automatic k, markers and the pipeline stage."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from acsleuth_core import keys
+from acsleuth_core.demo import load_demo
+from acsleuth_core.detect import DetectorConfig
+from acsleuth_core.errors import InputError
+from acsleuth_core.export import cell_table, write_h5ad
+from acsleuth_core.markers import COLUMNS, subtype_markers
+from acsleuth_core.mmd import PredictorConfig
+from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
+from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, sharpened_target, soft_assignments
+from acsleuth_core.subtyping import UMAP, subtype_layout, subtypes_are_stale
+
+
+def _clusters(n=240, n_types=4, dim=16, spread=6.0, seed=0):
+    """``z`` and ``ζ`` of cells from ``n_types`` well-separated groups (both carry the group)."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, n_types, n)
+    z = rng.normal(scale=spread, size=(n_types, dim))[types] + rng.normal(size=(n, dim))
+    zeta = rng.normal(scale=spread, size=(n_types, dim))[types] + rng.normal(size=(n, dim))
+    return z.astype(np.float32), zeta.astype(np.float32), types
+
+
+FAST = SubtypeConfig(max_epochs=20)
+
+
+# ------------------------------------------------------------ DESC pieces
+def test_soft_assignments_are_probabilities():
+    fused, centroids = torch.randn(50, 8), torch.randn(3, 8)
+    q = soft_assignments(fused, centroids)
+    assert (q > 0).all()
+    assert torch.allclose(q.sum(dim=1), torch.ones(50))
+
+
+def test_a_cell_on_a_centroid_is_assigned_to_it():
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    q = soft_assignments(centroids.clone(), centroids)
+    assert q.argmax(dim=1).tolist() == [0, 1]
+    assert (q.max(dim=1).values > 0.9).all()
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.5, 1.0])
+def test_target_distribution_is_sharper_than_the_assignments(balance):
+    generator = torch.Generator().manual_seed(0)
+    q = soft_assignments(torch.randn(100, 4, generator=generator), torch.randn(3, 4, generator=generator))
+    p = sharpened_target(q, balance)
+    assert torch.allclose(p.sum(dim=1), torch.ones(100))
+    entropy = lambda d: -(d * d.log()).sum(dim=1)  # noqa: E731
+    assert entropy(p).mean() < entropy(q).mean()
+    if balance == 0:  # pure sharpening keeps every cell's most likely cluster
+        assert torch.equal(p.argmax(dim=1), q.argmax(dim=1))
+
+
+def test_balance_pulls_mass_towards_small_clusters():
+    q = torch.tensor([[0.6, 0.4]] * 9 + [[0.2, 0.8]])  # cluster 1 is the small one
+    unbalanced, balanced = sharpened_target(q, 0.0), sharpened_target(q, 1.0)
+    assert (balanced[:, 1] > unbalanced[:, 1]).all()
+
+
+# ------------------------------------------------------------- clustering
+@pytest.mark.parametrize("use_residual", [True, False])
+def test_separated_clusters_are_recovered_and_auto_k_finds_their_number(use_residual):
+    z, zeta, types = _clusters()
+    found = find_subtypes(z, zeta if use_residual else None, SubtypeConfig(use_residual=use_residual, max_epochs=20))
+    assert found.k_chosen == 4, found.k_reason
+    assert "silhouette" in found.k_reason
+    assert normalized_mutual_info_score(types, found.labels) >= 0.95
+    assert found.fused.shape[0] == len(types)
+    assert np.allclose(found.soft_assignments.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(found.confidence, found.soft_assignments.max(axis=1))
+
+
+def test_a_given_k_is_used_and_every_cluster_has_cells():
+    z, zeta, types = _clusters(n_types=3)
+    found = find_subtypes(z, zeta, SubtypeConfig(n_subtypes=3, max_epochs=20))
+    assert found.k_chosen == 3
+    assert normalized_mutual_info_score(types, found.labels) >= 0.95
+    many = find_subtypes(z, zeta, SubtypeConfig(n_subtypes=8, max_epochs=20))
+    assert many.k_chosen <= 8
+    assert np.array_equal(np.unique(many.labels), np.arange(many.k_chosen))
+    assert many.soft_assignments.shape[1] == many.k_chosen
+
+
+def test_a_rare_subtype_is_not_swallowed_by_a_large_one():
+    rng = np.random.default_rng(1)
+    types = np.r_[np.zeros(180, int), np.ones(12, int)]
+    centres = rng.normal(scale=5.0, size=(2, 16))
+    z = (centres[types] + rng.normal(size=(192, 16))).astype(np.float32)
+    found = find_subtypes(z, None, SubtypeConfig(use_residual=False, max_epochs=30))
+    assert normalized_mutual_info_score(types, found.labels) >= 0.9
+
+
+def test_the_same_seed_gives_the_same_subtypes():
+    z, zeta, _ = _clusters(seed=3)
+    first, second = (find_subtypes(z, zeta, SubtypeConfig(seed=7, max_epochs=10)) for _ in range(2))
+    assert np.array_equal(first.labels, second.labels)
+    assert np.allclose(first.fused, second.fused)
+
+
+def test_too_few_anomalies_give_a_clear_message():
+    z, zeta, _ = _clusters(n=2)
+    with pytest.raises(InputError, match="too few"):
+        find_subtypes(z, zeta, SubtypeConfig())
+    z, zeta, _ = _clusters(n=5)
+    with pytest.raises(InputError, match="too few to split into 6"):
+        find_subtypes(z, zeta, SubtypeConfig(n_subtypes=6))
+    with pytest.raises(InputError, match="at least 1"):
+        find_subtypes(z, zeta, SubtypeConfig(n_subtypes=0))
+
+
+def test_training_reports_progress_and_stops_when_labels_settle():
+    z, zeta, _ = _clusters()
+    events = []
+    found = find_subtypes(z, zeta, SubtypeConfig(max_epochs=50), progress=events.append)
+    assert len(events) == found.n_epochs == len(found.label_changes)
+    assert found.n_epochs < 50 and found.label_changes[-1] < SubtypeConfig.tol
+
+
+# ---------------------------------------------------------------- markers
+def test_markers_find_the_gene_that_marks_a_subtype():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(30)]
+    anomalies = rng.poisson(1.0, size=(60, 30)).astype(np.float32)
+    labels = np.repeat(["1", "2"], 30)
+    anomalies[labels == "2", 7] += 6
+    reference = rng.poisson(1.0, size=(40, 30)).astype(np.float32)
+    markers = subtype_markers(np.log1p(anomalies), labels, np.log1p(reference), genes, n_genes=5)
+    for table in markers.values():
+        assert list(table.columns) == COLUMNS
+    top = markers["vs_anomalies"].query("subtype == '2'").iloc[0]
+    assert top.gene == "g7" and top.logfoldchange > 0
+    assert markers["vs_reference"].query("subtype == '2'").iloc[0].gene == "g7"
+    assert set(markers["vs_reference"].subtype) == {"1", "2"}
+
+
+def test_one_subtype_has_reference_markers_only():
+    rng = np.random.default_rng(0)
+    X = np.log1p(rng.poisson(1.0, size=(20, 10)).astype(np.float32))
+    markers = subtype_markers(X, np.full(20, "1"), X, [f"g{i}" for i in range(10)], n_genes=3)
+    assert markers["vs_anomalies"].empty
+    assert len(markers["vs_reference"]) == 3
+
+
+# --------------------------------------------------------------- pipeline
+DEMO_CONFIG = DetectorConfig(
+    epochs=5, latent_dim=16, hidden_dims=(32,), memory_size=64, batch_size=64,
+    predictor=PredictorConfig(warmup_epochs=2, epochs=3),
+)
+
+
+@pytest.fixture(scope="module")
+def subtyped():
+    demo = load_demo(with_progenitors=True)
+    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_CONFIG)
+    call_anomalies(run.adata, "fraction", 0.2)
+    before = run.adata.copy()
+    result = subtype_detection_run(run, SubtypeConfig(n_subtypes=3, max_epochs=10))
+    return run, before, result
+
+
+def test_only_anomalies_get_a_subtype(subtyped):
+    run, _, result = subtyped
+    obs = run.adata.obs
+    anomalous = obs[keys.ANOMALY].to_numpy(bool)
+    assert isinstance(obs[keys.SUBTYPE].dtype, pd.CategoricalDtype)
+    assert list(obs[keys.SUBTYPE].cat.categories) == ["1", "2", "3"]
+    assert obs[keys.SUBTYPE][anomalous].notna().all() and obs[keys.SUBTYPE][~anomalous].isna().all()
+    assert obs[keys.SUBTYPE_CONFIDENCE][anomalous].between(1 / 3, 1).all()
+    assert obs[keys.SUBTYPE_CONFIDENCE][~anomalous].isna().all()
+    fused = run.adata.obsm[keys.FUSED]
+    assert np.isfinite(fused[anomalous]).all() and np.isnan(fused[~anomalous]).all()
+    assert not result.used_correction  # the run was not corrected
+
+
+def test_subtype_summary_and_markers_are_recorded(subtyped):
+    run, _, _ = subtyped
+    saved = run.adata.uns[keys.UNS][keys.SUBTYPES]
+    assert saved["k_chosen"] == 3 and "given" in saved["k_reason"]
+    assert sum(saved["sizes"].values()) == int(run.adata.obs[keys.ANOMALY].sum())
+    assert set(saved["markers_vs_anomalies"].subtype) == {"1", "2", "3"}
+    assert set(saved["markers_vs_reference"].gene) <= set(run.adata.var_names)
+
+
+def test_subtyping_changes_nothing_but_its_own_keys(subtyped):
+    run, before, _ = subtyped
+    pd.testing.assert_frame_equal(run.adata.obs[before.obs.columns], before.obs)
+    assert np.array_equal(run.adata.obsm[keys.LATENT], before.obsm[keys.LATENT])
+
+
+def test_subtypes_reach_the_table_the_h5ad_and_the_layout(subtyped, tmp_path):
+    run, _, _ = subtyped
+    table = cell_table(run.adata)
+    assert {keys.SUBTYPE, keys.SUBTYPE_CONFIDENCE} <= set(table.columns)
+    back = ad.read_h5ad(write_h5ad(run.adata, tmp_path / "out.h5ad"))
+    assert back.obs[keys.SUBTYPE].equals(run.adata.obs[keys.SUBTYPE])
+    assert isinstance(back.uns[keys.UNS][keys.SUBTYPES]["markers_vs_reference"], pd.DataFrame)
+    layout = subtype_layout(run.adata)
+    assert len(layout) == int(run.adata.obs[keys.ANOMALY].sum())
+    assert np.isfinite(layout[list(UMAP)].to_numpy()).all()
+
+
+def test_a_new_threshold_marks_the_subtypes_stale(subtyped):
+    run, _, _ = subtyped
+    adata = run.adata.copy()
+    assert not subtypes_are_stale(adata)
+    call_anomalies(adata, "fraction", 0.1)
+    assert subtypes_are_stale(adata)
