@@ -8,7 +8,7 @@ frame("Home")
 st.title("ACsleuth Studio")
 st.markdown(
     "Find **anomalous cells** in single-cell RNA-seq data by comparing target samples with a "
-    "reference of normal cells. Work through the steps in the sidebar: **Data** → **Detect** → **Correct** → **Export**."
+    "reference of normal cells. Work through the steps in the sidebar: **Data** → **Detect** → **Correct** → **Subtypes** → **Export**."
 )
 st.page_link("pages/1_Data.py", label="Start with your data, or the built-in demo", icon="📂")
 

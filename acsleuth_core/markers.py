@@ -54,3 +54,27 @@ def _ranked(adata: ad.AnnData, reference: str, n_genes: int, groups="all") -> pd
     table = table.rename(columns={"group": "subtype", "names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
     table["subtype"] = table["subtype"].astype(str)
     return table[COLUMNS].reset_index(drop=True)
+
+
+def marker_dots(
+    expression: sp.spmatrix | np.ndarray, labels: np.ndarray, genes: list[str], markers: pd.DataFrame, n_per_subtype: int = 3
+) -> pd.DataFrame:
+    """For a dot plot: each subtype's mean log expression and share of cells expressing (> 0) each of the
+    top ``n_per_subtype`` genes of every subtype in ``markers`` (columns subtype, gene, mean, fraction)."""
+    top = markers.groupby("subtype", sort=True).head(n_per_subtype)["gene"]
+    chosen = list(dict.fromkeys(top))
+    columns = pd.Index(genes).get_indexer(chosen)
+    X = sp.csr_matrix(expression)[:, columns]
+    labels = np.asarray(labels).astype(str)
+    rows = []
+    for subtype in sorted(np.unique(labels), key=subtype_order):
+        cells = X[labels == subtype]
+        means = np.asarray(cells.mean(axis=0)).ravel()
+        shares = np.asarray((cells > 0).mean(axis=0)).ravel()
+        rows += [(subtype, gene, m, f) for gene, m, f in zip(chosen, means, shares)]
+    return pd.DataFrame(rows, columns=["subtype", "gene", "mean", "fraction"])
+
+
+def subtype_order(name: str):
+    """Sort key putting subtype "2" before "10"."""
+    return (0, int(name)) if name.isdigit() else (1, name)

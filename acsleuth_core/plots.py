@@ -150,8 +150,8 @@ def kin_pair_map(
         raise ValueError(f"colour_by must be 'source' or 'confidence', not {colour_by!r}")
     segments = kin_segments(layout, columns, n_pairs, seed)
     fig.add_trace(_segments(segments, f"kin pairs ({len(segments):,} shown)"))
-    fig.update_layout(**_embedding_layout(height=560))
-    _blank_axes(fig)
+    fig.update_layout(**embedding_layout(height=560))
+    blank_axes(fig)
     return fig
 
 
@@ -182,15 +182,15 @@ def correction_umaps(layout: pd.DataFrame, labels: Optional[pd.Series] = None, *
                 fig.add_trace(grey, row=1, col=col)
             fig.add_trace(trace, row=1, col=col)
             continue
-        for category, colour in _category_colours(values, reference_first=labels is None).items():
+        for category, colour in category_colours(values, reference_first=labels is None).items():
             group = layout[values.astype(str) == category]
             trace = _points(group, columns, f"{category} (n={len(group):,})", colour)
             trace.update(legendgroup=category, showlegend=col == 1)
             fig.add_trace(trace, row=1, col=col)
-    fig.update_layout(**_embedding_layout(height=500))
+    fig.update_layout(**embedding_layout(height=500))
     fig.update_layout(legend_title=dict(text=f"{title}:", side="left"))
     fig.update_annotations(yshift=6)
-    _blank_axes(fig)
+    blank_axes(fig)
     return fig
 
 
@@ -271,7 +271,7 @@ def _is_continuous(values: pd.Series) -> bool:
     return numeric and values.nunique() > MAX_CATEGORIES
 
 
-def _category_colours(values: pd.Series, *, reference_first: bool) -> dict[str, str]:
+def category_colours(values: pd.Series, *, reference_first: bool) -> dict[str, str]:
     """Batches keep their app-wide colours; other categories get a long qualitative palette; reference is grey."""
     categories = sorted(set(values.astype(str)))
     if reference_first:
@@ -291,7 +291,7 @@ def _is_grey(colour: str) -> bool:
     return max(r, g, b) - min(r, g, b) < 24
 
 
-def _embedding_layout(height: int) -> dict:
+def embedding_layout(height: int) -> dict:
     return dict(
         height=height,
         margin=dict(t=40, l=10, r=10, b=10),
@@ -300,7 +300,7 @@ def _embedding_layout(height: int) -> dict:
     )
 
 
-def _blank_axes(fig: go.Figure) -> None:
+def blank_axes(fig: go.Figure) -> None:
     """UMAP coordinates have no units: no ticks, no grid, no axis titles (the page says it is a UMAP)."""
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, showline=True, linecolor="#d0d0d0", mirror=True)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, showline=True, linecolor="#d0d0d0", mirror=True)

@@ -3,7 +3,10 @@
 ``subtype_anomalies`` takes the cells called anomalous, builds ``z = E(x)`` and
 ``ζ = E(x − x̂)`` with module I (``x`` corrected when a correction is present
 and ``use_correction``), clusters them (:mod:`subtypes`) and finds marker
-genes (:mod:`markers`). ``annotate_subtypes`` writes the result under the
+genes (:mod:`markers`). Markers are tested on the measured log expression,
+not the corrected one: the correction is a decoder's output, smoother than
+real counts, so it serves the clustering, while differential expression is
+read off what was measured (as scanpy and Seurat advise for integrated data). ``annotate_subtypes`` writes the result under the
 documented keys. Re-running it with another k or resolution needs no GAN
 training.
 """
@@ -66,7 +69,8 @@ def subtype_anomalies(
     subtypes = find_subtypes(
         latent, residual_latent if config.use_residual else None, config, progress=progress, cancel=cancel
     )
-    markers = subtype_markers(expression, _names(subtypes.labels), inputs.reference.X, inputs.genes, n_marker_genes)
+    measured = anomaly_expression(adata, inputs, anomalous, corrected=False)
+    markers = subtype_markers(measured, _names(subtypes.labels), inputs.reference.X, inputs.genes, n_marker_genes)
     return SubtypeResult(anomalous, subtypes, markers, used_correction, config)
 
 

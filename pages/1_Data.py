@@ -15,8 +15,14 @@ st.markdown(
     "raw counts or log-normalised values."
 )
 
-if st.button("Load demo data", type="primary", help="Real PBMCs (scanpy's pbmc68k_reduced); B cells are the anomalies"):
+left, right = st.columns(2)
+if left.button("Load demo data", type="primary", help="Real PBMCs (scanpy's pbmc68k_reduced); B cells are the anomalies"):
     set_loaded_data(demo_data())
+if right.button(
+    "Load demo data with two anomaly types",
+    help="The same PBMCs with the rare CD34+ progenitors kept and anomalous too: something to split on the Subtypes step",
+):
+    set_loaded_data(demo_data(with_progenitors=True))
 
 upload_tab, path_tab = st.tabs(["Upload files", "Path on the server"])
 with upload_tab:

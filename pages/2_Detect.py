@@ -110,4 +110,4 @@ st.caption(f"Cells scoring above {threshold['value']:.4g} are called anomalous (
 with st.expander("Training curves"):
     st.plotly_chart(loss_curves(adata), width="stretch")
 st.page_link("pages/3_Correct.py", label="Next: correct batch effects", icon="➡️")
-st.page_link("pages/4_Export.py", label="Or skip correction: export the annotated cells", icon="⏭️")
+st.page_link("pages/5_Export.py", label="Or skip correction: export the annotated cells", icon="⏭️")

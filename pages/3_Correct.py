@@ -4,7 +4,6 @@ import streamlit as st
 
 from acsleuth_core import keys
 from acsleuth_core.correction import CorrectionConfig, correction_is_stale, shared_label_columns
-from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.kin import KinConfig
 from acsleuth_core.layout import AFTER, BEFORE
 from acsleuth_core.plots import (
@@ -17,20 +16,11 @@ from acsleuth_core.plots import (
 from acsleuth_core.runs import start_correction_run
 from acsleuth_core.runtime import resolve_device
 from acsleuth_core.style import StyleConfig
-from pages.ui.frame import (
-    correction_job,
-    correction_status,
-    current_run,
-    frame,
-    job_registry,
-    remember_correction_job,
-    run_inputs,
-    run_result,
-    run_store,
-    show_error,
-)
+from pages.ui.frame import frame, job_registry, run_inputs, run_result, run_store, stage_job
+from pages.ui.stage import stage_outcome, stage_run, start_stage
 from pages.ui.progress import follow_job
 
+STAGE = "correction"
 NO_LABELS = "none"
 METRICS = {
     "batch_entropy": ("Batch mixing (kNN batch entropy)", "Entropy of the samples among each cell's 15 nearest neighbours: 0 = neighbours all from the cell's own sample, 1 = samples evenly mixed."),
@@ -54,15 +44,9 @@ st.markdown(
     "sample's technical **style** from those pairs and removes it from every target cell, anomalies included. "
     "This step is optional: Export works without it."
 )
-run = current_run()
-if run is None or not run.has_result:
-    st.info("Nothing to correct yet: finish a detection run first (Detect page), or reopen one from the home page.")
-    st.stop()
-if not run.has_inputs:
-    st.info("This run was saved without the cells as the model saw them, so it cannot be corrected: train it again on the Detect page.")
-    st.stop()
+run = stage_run("Nothing to correct yet")
 
-job = correction_job(run)
+job = stage_job(run, STAGE)
 busy = job is not None and job.status().active
 adata, inputs = run_result(run), run_inputs(run)
 correction = adata.uns[keys.UNS].get(keys.CORRECTION)
@@ -83,28 +67,17 @@ with st.expander("Correct batches", expanded=correction is None and not busy):
         if st.form_submit_button("Correct batches", type="primary", disabled=busy):
             n_epochs = int(epochs) or None
             config = CorrectionConfig.seeded(int(seed), kin=KinConfig(epochs=n_epochs), style=StyleConfig(epochs=n_epochs))
-            try:
-                job = start_correction_run(
-                    run_store(), job_registry(), run, config=config, label_key=None if label_key == NO_LABELS else label_key
-                )
-            except ACsleuthError as error:
-                show_error(error)
-            else:
-                remember_correction_job(run, job)
-                st.rerun()
+            labels = None if label_key == NO_LABELS else label_key
+            start_stage(
+                run, STAGE, lambda: start_correction_run(run_store(), job_registry(), run, config=config, label_key=labels)
+            )
 
 follow_job(
     job, running="Batch correction runs in the background: you can switch pages and come back.",
     cancel_label="Cancel correction", noun="correction",
     finishing={"module III": "Correcting every cell, measuring batch mixing and laying out the UMAPs (up to a minute)…"},
 )
-if job is None and correction_status(run) in ("failed", "cancelled"):
-    st.warning(f"The last correction {correction_status(run)}: {run.info['correction'].get('message', '')}", icon="⚠️")
-elif job is None and correction_status(run) == "running":
-    st.info(
-        "A correction of this run was started in another browser session and has not finished (or the server "
-        "stopped during it). Reload this page to see its result, or start a new correction above."
-    )
+stage_outcome(run, STAGE, job, "correction")
 
 if correction is None or not run.has_layout:
     st.stop()
@@ -162,4 +135,4 @@ if colour != NO_LABELS:
     st.plotly_chart(correction_umaps(layout, labels, title=COLUMN_NAMES.get(colour, colour)), width="stretch")
 with st.expander("Training curves"):
     st.plotly_chart(correction_loss_curves(adata), width="stretch")
-st.page_link("pages/4_Export.py", label="Next: export the corrected cells", icon="➡️")
+st.page_link("pages/4_Subtypes.py", label="Next: split the anomalies into subtypes", icon="➡️")

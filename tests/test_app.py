@@ -8,6 +8,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from acsleuth_core import keys
+from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.runs import RunStore
 from pages.ui.frame import demo_data
 
@@ -103,7 +104,7 @@ def test_threshold_change_updates_the_counts():
 def test_export_page_offers_every_download_after_a_run():
     at = _train_demo(page("pages/2_Detect.py"))
     run_id = at.session_state["run_id"]
-    export = page("pages/4_Export.py")
+    export = page("pages/5_Export.py")
     export.session_state["run_id"] = run_id
     export.run()
     assert not export.exception
@@ -207,3 +208,75 @@ def test_batches_can_come_from_an_obs_column():
     batches.set_value("cell_type").run()
     assert at.session_state["data"].batch_key == "cell_type"
     assert at.dataframe[1].value["cells"].sum() == 393
+
+
+def _find_subtypes(run_id: str, *, k: int = 2) -> AppTest:
+    """Open the Subtypes page on a run, find ``k`` subtypes; return the page once it shows them (or a warning)."""
+    at = page("pages/4_Subtypes.py")
+    at.session_state["run_id"] = run_id
+    at.run()
+    at.radio(key="subtype_mode").set_value("fixed")
+    at.number_input(key="subtype_k").set_value(k)
+    [b for b in at.button if b.label == "Find subtypes"][0].click().run()
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        at.run()
+        if at.get("plotly_chart") or at.warning:
+            return at
+    raise AssertionError("subtyping did not finish in time")
+
+
+def _call_a_fifth(run_id: str) -> None:
+    """A short-trained demo model may call nothing: call the top 20 % so there are anomalies to split."""
+    store = RunStore()
+    run = store.get(run_id)
+    adata = run.load_result()
+    call_anomalies(adata, "fraction", 0.2)
+    store.save_result(run, adata)
+
+
+def test_subtypes_page_asks_for_a_detection_run_first():
+    at = page("pages/4_Subtypes.py").run()
+    assert not at.exception
+    assert any("finish a detection run first" in info.value for info in at.info)
+
+
+def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
+    run_id = _train_demo(page("pages/2_Detect.py")).session_state["run_id"]
+    _call_a_fifth(run_id)
+    at = _find_subtypes(run_id, k=2)
+    assert not at.exception
+    assert not at.warning, [w.value for w in at.warning]
+    assert any(h.value.startswith("2 subtypes of") for h in at.subheader)
+    assert "k = 2 was given" in " ".join(c.value for c in at.caption)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 4, "map, sizes per sample, marker dot plot vs anomalies and vs reference"
+    markers = at.dataframe[0].value
+    assert list(markers.columns) == ["subtype", "gene", "score", "logfoldchange", "pval_adj"]
+    assert set(markers["subtype"]) == {"1", "2"}
+
+    at.radio(key="subtype_colour_mode").set_value("a gene").run()
+    at.selectbox(key="subtype_colour_gene").set_value(at.selectbox(key="subtype_colour_gene").options[3]).run()
+    assert not at.exception
+    at.radio(key="subtype_colour_mode").set_value("a cell annotation").run()
+    at.selectbox(key="subtype_colour_column").set_value("cell_type").run()
+    assert not at.exception
+
+    result = RunStore().get(run_id).load_result()
+    anomalous = result.obs[keys.ANOMALY].to_numpy(bool)
+    assert result.obs[keys.SUBTYPE][anomalous].notna().all() and result.obs[keys.SUBTYPE][~anomalous].isna().all()
+    assert "Subtypes · done" in " ".join(md.value for md in at.sidebar.markdown).replace("**", "").replace("✓ ", "")
+
+    again = _find_subtypes(run_id, k=3)
+    assert any(h.value.startswith("3 subtypes of") for h in again.subheader)
+
+
+def test_the_demo_with_two_anomaly_types_keeps_the_progenitors():
+    at = page("pages/1_Data.py").run()
+    [b for b in at.button if b.label == "Load demo data with two anomaly types"][0].click().run()
+    assert not at.exception
+    data = at.session_state["data"]
+    assert "CD34+" in data.source
+    types = {t for target in data.targets.values() for t in target.obs["cell_type"]}
+    assert {"CD34+", "CD19+ B"} <= types

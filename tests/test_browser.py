@@ -88,7 +88,19 @@ def _shot_tall(page, name: str, height: int) -> None:
     page.set_viewport_size(size)
 
 
-def test_demo_trains_shows_scores_corrects_exports_and_survives_a_refresh(server, browser):
+def _lasso_everything(page, chart) -> None:
+    """Draw a lasso around the whole plotting area of a plotly chart (its default drag mode)."""
+    area = chart.locator(".nsewdrag").first.bounding_box()
+    left, top = area["x"] + 3, area["y"] + 3
+    right, bottom = area["x"] + area["width"] - 3, area["y"] + area["height"] - 3
+    page.mouse.move(left, top)
+    page.mouse.down()
+    for x, y in ((right, top), (right, bottom), (left, bottom), (left, top + 1)):
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def test_demo_trains_shows_scores_corrects_finds_subtypes_exports_and_survives_a_refresh(server, browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
     page.goto(f"{server}/Detect")
@@ -101,6 +113,12 @@ def test_demo_trains_shows_scores_corrects_exports_and_survives_a_refresh(server
     _shot(page, "detect_histogram")
     run_url = page.url
     assert "run=" in run_url
+    # a 20-epoch model may call nothing: call the top fifth so there are anomalies to split into subtypes
+    page.get_by_text("expected anomaly fraction", exact=True).click()
+    fraction = page.get_by_role("spinbutton", name="Expected anomaly fraction")
+    fraction.fill("0.2")
+    page.get_by_role("button", name="Apply threshold").click()
+    page.get_by_text("(expected anomaly fraction)").wait_for(timeout=30_000)
 
     page.get_by_role("link", name="Next: correct batch effects").click()
     epochs = page.get_by_role("spinbutton", name="Epochs per module (0 = automatic)")
@@ -115,7 +133,25 @@ def test_demo_trains_shows_scores_corrects_exports_and_survives_a_refresh(server
     assert page.get_by_text("iLISI").count() >= 1
     _shot_tall(page, "correct_results", 2600)
 
-    page.get_by_role("link", name="Next: export the corrected cells").click()
+    page.get_by_role("link", name="Next: split the anomalies into subtypes").click()
+    page.get_by_role("button", name="Find subtypes").click()
+    page.get_by_text("Subtype sizes per sample").wait_for(timeout=240_000)
+    chart = page.locator(".js-plotly-plot").first
+    chart.wait_for(timeout=30_000)
+    _lasso_everything(page, chart)
+    page.get_by_text("cells selected").wait_for(timeout=30_000)
+    _shot_tall(page, "subtypes", 2600)
+    export = page.get_by_role("button", name="selected cells (CSV)")
+    n_selected = int(export.inner_text().split()[2])
+    with page.expect_download() as download:
+        export.click()
+    rows = [line for line in Path(download.value.path()).read_text().splitlines() if not line.startswith("#")]
+    header = rows[0].split(",")
+    assert "acsleuth_subtype" in header and len(rows) - 1 == n_selected > 0
+    subtypes = {row.split(",")[header.index("acsleuth_subtype")] for row in rows[1:]}
+    assert subtypes and "" not in subtypes, "every selected cell is an anomaly with a subtype"
+
+    page.get_by_role("link", name="Next: export every cell with its subtype").click()
     page.get_by_role("button", name="Cell table (CSV)").wait_for(timeout=60_000)
     _shot(page, "export")
     with page.expect_download() as download:

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from acsleuth_core import keys, plots
+from acsleuth_core import keys, plots, subtype_plots
 from acsleuth_core.layout import AFTER, BEFORE, CELL, IS_REFERENCE, SOURCE
+from acsleuth_core.markers import marker_dots
 
 
 def small_layout() -> pd.DataFrame:
@@ -158,3 +159,61 @@ def test_score_histogram_gives_each_sample_the_colour_it_has_on_the_correction_p
     fig = plots.score_histogram(adata)
     colours = plots.batch_colours(["sample_A", "sample_B"])
     assert [t.marker.color for t in fig.data[:2]] == [colours["sample_A"], colours["sample_B"]]
+
+
+# ------------------------------------------------------------------ subtypes
+def subtype_layout_table() -> pd.DataFrame:
+    """Five anomalous cells: subtypes 1, 1, 2, 10, 10 over two samples."""
+    return pd.DataFrame(
+        {
+            CELL: ["c1", "c2", "c3", "c4", "c5"],
+            keys.BATCH: ["sample_A", "sample_B", "sample_A", "sample_A", "sample_B"],
+            keys.SUBTYPE: ["1", "1", "2", "10", "10"],
+            keys.SUBTYPE_CONFIDENCE: [0.9, 0.8, 0.7, 0.95, 0.6],
+            "umap_1": [0.0, 1.0, 2.0, 3.0, 4.0],
+            "umap_2": [0.0, 1.0, 2.0, 3.0, 4.0],
+        }
+    )
+
+
+def test_subtype_map_has_one_trace_per_subtype_in_natural_order_and_names_every_cell():
+    fig = subtype_plots.subtype_map(subtype_layout_table())
+    assert [t.name for t in fig.data] == ["1 (n=2)", "2 (n=1)", "10 (n=2)"]
+    assert sorted(c for t in fig.data for c in t.customdata) == ["c1", "c2", "c3", "c4", "c5"]
+    assert fig.layout.dragmode == "lasso"
+
+
+def test_subtype_map_draws_gene_values_as_a_colour_scale_with_missing_in_grey():
+    values = pd.Series([0.0, 1.5, np.nan, 2.0, 0.5])
+    fig = subtype_plots.subtype_map(subtype_layout_table(), values, title="CD79A")
+    grey, scale = fig.data
+    assert list(grey.customdata) == ["c3"]
+    assert list(scale.marker.color) == [0.0, 1.5, 2.0, 0.5]
+    assert scale.marker.colorbar.title.text == "CD79A"
+
+
+def test_subtype_sizes_count_cells_per_subtype_and_sample():
+    fig = subtype_plots.subtype_sizes(subtype_layout_table())
+    bars = {t.name: dict(zip(t.x, t.y)) for t in fig.data}
+    assert bars == {"sample_A": {"1": 1, "2": 1, "10": 1}, "sample_B": {"1": 1, "2": 0, "10": 1}}
+
+
+def test_selected_cells_reads_box_and_lasso_selections():
+    selection = {"points": [{"customdata": "c2", "x": 1}, {"customdata": "c4"}, {"customdata": "c2"}]}
+    assert subtype_plots.selected_cells(selection) == ["c2", "c4"]
+    assert subtype_plots.selected_cells(None) == []
+    assert subtype_plots.selected_cells({"points": []}) == []
+
+
+def test_marker_dots_summarise_the_top_genes_of_each_subtype():
+    expression = np.array([[0, 2, 1], [0, 4, 0], [3, 0, 0], [1, 0, 0]], dtype=np.float32)
+    labels = np.array(["1", "1", "2", "2"])
+    markers = pd.DataFrame({"subtype": ["1", "1", "2"], "gene": ["g1", "g2", "g0"]})
+    dots = marker_dots(expression, labels, ["g0", "g1", "g2"], markers, n_per_subtype=1)
+    assert list(dots.gene.unique()) == ["g1", "g0"]
+    row = dots.query("subtype == '1' and gene == 'g1'").iloc[0]
+    assert row["mean"] == pytest.approx(3.0) and row["fraction"] == pytest.approx(1.0)
+    row = dots.query("subtype == '2' and gene == 'g0'").iloc[0]
+    assert row["mean"] == pytest.approx(2.0) and row["fraction"] == pytest.approx(1.0)
+    fig = subtype_plots.marker_dot_plot(dots)
+    assert list(fig.data[0].x) == list(dots.gene)

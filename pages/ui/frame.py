@@ -25,16 +25,20 @@ STEPS = [
     ("Data", "a reference of normal cells and at least one target"),
     ("Detect", "loaded data (Data step)"),
     ("Correct", "a finished detection run"),
+    ("Subtypes", "a finished detection run"),
     ("Export", "a finished detection run"),
 ]
 #: steps that can start as soon as detection is done
-AFTER_DETECTION = ("Correct", "Export")
+AFTER_DETECTION = ("Correct", "Subtypes", "Export")
+#: steps that run as a stage of a finished run, keyed as in ``run.json``
+STAGES = {"Correct": "correction", "Subtypes": "subtypes"}
 #: how training stages are named to the user
 STAGE_LABELS = {
     "module I": "Training the reconstruction model",
     "predictor": "Training the anomaly predictor",
     "module II": "Pairing target cells with reference kin",
     "module III": "Learning batch styles",
+    "module IV": "Clustering anomaly subtypes",
 }
 
 
@@ -81,12 +85,12 @@ def frame(step: str) -> None:
         ready = {
             "Data": data is not None,
             "Detect": run is not None and run.has_result,
-            "Correct": run is not None and run.has_layout and correction_status(run) == "done",
+            **{name: run is not None and stage_status(run, stage) == "done" for name, stage in STAGES.items()},
         }
         for name, needs in STEPS:
             if ready.get(name):
                 st.markdown(f"✓ **{name}** · done")
-            elif name == "Correct" and run is not None and correction_status(run) == "running":
+            elif name in STAGES and run is not None and stage_status(run, STAGES[name]) == "running":
                 st.markdown(f"→ **{name}** · running")
             elif name in AFTER_DETECTION and ready["Detect"]:
                 st.markdown(f"→ **{name}** · ready")
@@ -97,10 +101,11 @@ def frame(step: str) -> None:
         st.caption(f"Runs are saved in `{run_store().root}`")
 
 
-def demo_data() -> LoadedData:
-    """The built-in demo as loaded data (PBMCs, B cells anomalous)."""
-    demo = load_demo()
-    return LoadedData(demo.reference, demo.targets, source="built-in demo (PBMCs, B cells anomalous)")
+def demo_data(*, with_progenitors: bool = False) -> LoadedData:
+    """The built-in demo as loaded data (PBMCs; B cells anomalous, and CD34+ progenitors too if asked)."""
+    demo = load_demo(with_progenitors=with_progenitors)
+    anomalies = "B cells and CD34+ progenitors" if with_progenitors else "B cells"
+    return LoadedData(demo.reference, demo.targets, source=f"built-in demo (PBMCs, {anomalies} anomalous)")
 
 
 def loaded_data() -> Optional[LoadedData]:
@@ -122,19 +127,20 @@ def current_run() -> Optional[Run]:
         return None
 
 
-def correction_status(run: Run) -> Optional[str]:
-    """``running``, ``done``, ``failed``, ``cancelled`` or None (never corrected), as ``run.json`` records it."""
-    return (run.info.get("correction") or {}).get("status")
+def stage_status(run: Run, stage: str) -> Optional[str]:
+    """``running``, ``done``, ``failed``, ``cancelled`` or None (never run) for a stage of ``run``
+    (``correction`` or ``subtypes``), as ``run.json`` records it."""
+    return (run.info.get(stage) or {}).get("status")
 
 
-def correction_job(run: Run) -> Optional[Job]:
-    """This session's batch-correction job for ``run``, if it started one (running or ended)."""
-    started = st.session_state.get("correction_job") or {}
+def stage_job(run: Run, stage: str) -> Optional[Job]:
+    """This session's job of ``stage`` for ``run``, if it started one (running or ended)."""
+    started = st.session_state.get(f"{stage}_job") or {}
     return job_registry().get(started.get("job")) if started.get("run") == run.id else None
 
 
-def remember_correction_job(run: Run, job: Job) -> None:
-    st.session_state["correction_job"] = {"run": run.id, "job": job.id}
+def remember_stage_job(run: Run, stage: str, job: Job) -> None:
+    st.session_state[f"{stage}_job"] = {"run": run.id, "job": job.id}
 
 
 def run_inputs(run: Run) -> ModelInputs:

@@ -12,7 +12,7 @@ from acsleuth_core.runs import MODEL_DIR, RESULT_FILE
 from pages.ui.frame import current_run, frame
 
 frame("Export")
-st.title("4 · Export")
+st.title("5 · Export")
 run = current_run()
 if run is None or not run.has_result:
     st.info("Nothing to export yet: finish a detection run first (Detect page), or reopen one from the home page.")
