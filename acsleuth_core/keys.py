@@ -38,3 +38,9 @@ SUBTYPE_CONFIDENCE = "acsleuth_subtype_confidence"
 FUSED = "X_acsleuth_fused"
 #: ``uns[UNS]`` entry: subtype parameters, chosen k and why, cluster sizes, marker genes.
 SUBTYPES = "subtypes"
+
+#: what each stage after detection writes, by AnnData slot (``uns`` entries live under ``uns[UNS]``)
+STAGE_KEYS = {
+    CORRECTION: {"obs": (KIN, KIN_CONFIDENCE), "obsm": (CORRECTED_LATENT,), "var": (MODEL_GENE,), "layers": (CORRECTED,), "uns": (CORRECTION,)},
+    SUBTYPES: {"obs": (SUBTYPE, SUBTYPE_CONFIDENCE), "obsm": (FUSED,), "uns": (SUBTYPES,)},
+}

@@ -120,19 +120,23 @@ class RunStore:
         return self.update(run, status="done", summary=summary, finished=_now())
 
     def save_correction(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, metrics: dict) -> Run:
-        """Save a corrected result and its layout; record the metrics in ``run.json``."""
-        self._save_stage_result(run, adata, layout, LAYOUT_FILE)
+        """Save a correction's keys and layout into the run; record the metrics in ``run.json``."""
+        self._save_stage_result(run, keys.CORRECTION, adata, layout, LAYOUT_FILE)
         return self.update(run, correction={"status": "done", "metrics": metrics, "finished": _now()})
 
     def save_subtypes(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, summary: dict) -> Run:
-        """Save a result with subtypes and their layout; record the summary (k, why, sizes) in ``run.json``."""
-        self._save_stage_result(run, adata, layout, SUBTYPE_LAYOUT_FILE)
+        """Save the subtype keys and layout into the run; record the summary (k, why, sizes) in ``run.json``."""
+        self._save_stage_result(run, keys.SUBTYPES, adata, layout, SUBTYPE_LAYOUT_FILE)
         return self.update(run, subtypes={"status": "done", **summary, "finished": _now()})
 
-    def _save_stage_result(self, run: Run, adata: ad.AnnData, layout: pd.DataFrame, layout_file: str) -> None:
+    def _save_stage_result(self, run: Run, stage: str, adata: ad.AnnData, layout: pd.DataFrame, layout_file: str) -> None:
+        """Write the layout, and the stage's keys from ``adata`` into the result as it is on disk now: what
+        changed there while the stage ran (a new threshold, say) is kept, not overwritten."""
         with atomic_path(run.folder / layout_file) as tmp:
             layout.to_parquet(tmp, index=False)
-        write_h5ad(adata, run.folder / RESULT_FILE)
+        current = run.load_result()
+        copy_stage_keys(adata, current, stage)
+        write_h5ad(current, run.folder / RESULT_FILE)
 
     def save_result(self, run: Run, adata: ad.AnnData) -> None:
         """Overwrite a finished run's result (e.g. after a new threshold), atomically."""
@@ -163,6 +167,19 @@ class RunStore:
                 except (OSError, json.JSONDecodeError):
                     continue
         return runs
+
+
+def copy_stage_keys(source: ad.AnnData, dest: ad.AnnData, stage: str) -> None:
+    """Copy what ``stage`` (``keys.CORRECTION`` or ``keys.SUBTYPES``) wrote from ``source`` into ``dest``
+    (same cells and genes), replacing ``dest``'s earlier values of those keys."""
+    if not (source.obs_names.equals(dest.obs_names) and source.var_names.equals(dest.var_names)):
+        raise InputError("The run's result no longer has the cells and genes this stage worked on.")
+    for slot, names in keys.STAGE_KEYS[stage].items():
+        for name in names:
+            if slot == "uns":
+                dest.uns[keys.UNS][name] = source.uns[keys.UNS][name]
+            else:
+                getattr(dest, slot)[name] = getattr(source, slot)[name]
 
 
 def _replace_folder(folder: Path, write) -> None:

@@ -3,13 +3,15 @@
 import json
 import time
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
-from acsleuth_core import jobs
+from acsleuth_core import jobs, keys
 from acsleuth_core.errors import InputError
 from acsleuth_core.progress import ProgressEvent
-from acsleuth_core.runs import RUN_FILE, RunStore
+from acsleuth_core.runs import RUN_FILE, RunStore, copy_stage_keys
 
 
 def _counting_work(n_steps, pause=0.0):
@@ -80,3 +82,40 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     for _ in range(3):
         store.update(run, summary={"n": int(np.int64(3))})
     assert sorted(p.name for p in run.folder.iterdir()) == [RUN_FILE]
+
+
+def _result(threshold: float) -> ad.AnnData:
+    adata = ad.AnnData(np.zeros((4, 2), dtype=np.float32))
+    adata.obs_names = [f"c{i}" for i in range(4)]
+    adata.obs[keys.ANOMALY] = [True, True, False, threshold < 0.5]
+    adata.uns[keys.UNS] = {"threshold": {"value": threshold}}
+    return adata
+
+
+def test_a_stage_saves_only_its_own_keys_so_a_threshold_changed_meanwhile_is_kept(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create("run", {})
+    store.save_result(run, _result(0.5))
+    finished = _result(0.5)  # what a subtype job loaded and annotated
+    finished.obs[keys.SUBTYPE] = pd.Categorical(["1", "2", None, None])
+    finished.obs[keys.SUBTYPE_CONFIDENCE] = [0.9, 0.8, np.nan, np.nan]
+    finished.obsm[keys.FUSED] = np.ones((4, 3), dtype=np.float32)
+    finished.uns[keys.UNS][keys.SUBTYPES] = {"k_chosen": 2, "threshold": 0.5}
+    store.save_result(run, _result(0.2))  # the user picked another threshold while the job ran
+    layout = pd.DataFrame({"cell": ["c0", "c1"]})
+    store.save_subtypes(run, finished, layout, {"k_chosen": 2})
+    saved = run.load_result()
+    assert saved.uns[keys.UNS]["threshold"]["value"] == 0.2
+    assert saved.obs[keys.ANOMALY].tolist() == [True, True, False, True]
+    assert saved.obs[keys.SUBTYPE].tolist()[:2] == ["1", "2"]
+    assert saved.uns[keys.UNS][keys.SUBTYPES]["k_chosen"] == 2
+    assert np.array_equal(saved.obsm[keys.FUSED], finished.obsm[keys.FUSED])
+    assert store.get(run.id).info["subtypes"]["status"] == "done"
+    assert run.load_subtype_layout().equals(layout)
+
+
+def test_stage_keys_are_not_copied_onto_other_cells():
+    other = _result(0.5)
+    other.obs_names = [f"d{i}" for i in range(4)]
+    with pytest.raises(InputError, match="no longer has the cells"):
+        copy_stage_keys(_result(0.5), other, keys.SUBTYPES)
