@@ -39,6 +39,10 @@ from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel
 from .runtime import seed_everything
 
 
+#: cells the silhouette of a candidate partition is measured on (all of them below this)
+SILHOUETTE_SAMPLE = 5000
+
+
 @dataclass(frozen=True)
 class SubtypeConfig:
     """Settings of module IV."""
@@ -222,7 +226,11 @@ def _initial_labels(fused: np.ndarray, fixed_k: Optional[int], config: SubtypeCo
     leiden = leiden_labels(fused, config.resolution, config.n_neighbors, config.seed)
     if 1 < leiden.max() + 1 < fused.shape[0]:
         candidates[f"Leiden at resolution {config.resolution} (k = {leiden.max() + 1})"] = leiden
-    scores = {name: silhouette_score(fused, labels) for name, labels in candidates.items()}
+    sample = min(fused.shape[0], SILHOUETTE_SAMPLE)  # silhouette is quadratic in cells: score a fixed sample
+    scores = {
+        name: silhouette_score(fused, labels, sample_size=sample, random_state=config.seed)
+        for name, labels in candidates.items()
+    }
     best = max(scores, key=scores.get)
     runner_up = sorted(scores.values())[-2] if len(scores) > 1 else float("nan")
     k = int(candidates[best].max()) + 1
