@@ -191,6 +191,8 @@ def find_subtypes(
         fused = fusion(z, zeta)
         q = soft_assignments(fused, centroids, config.student_dof).numpy()
     labels, q = _drop_empty(q)
+    if q.shape[1] < k:
+        k_reason += f"; {k - q.shape[1]} of the {k} starting clusters lost all their cells in training and were dropped"
     return Subtypes(
         labels=labels,
         confidence=q.max(axis=1),

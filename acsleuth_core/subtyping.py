@@ -65,10 +65,9 @@ def subtype_anomalies(
     check_enough_anomalies(int(anomalous.sum()), config)
     used_correction = use_correction and keys.CORRECTED in adata.layers
     expression = anomaly_expression(adata, inputs, anomalous, used_correction)
-    latent, residual_latent = _module_one_embeddings(detector, expression)
-    subtypes = find_subtypes(
-        latent, residual_latent if config.use_residual else None, config, progress=progress, cancel=cancel
-    )
+    latent = detector.encode(expression)
+    residual_latent = detector.encode(detector.reconstruction_residuals(expression)) if config.use_residual else None
+    subtypes = find_subtypes(latent, residual_latent, config, progress=progress, cancel=cancel)
     measured = anomaly_expression(adata, inputs, anomalous, corrected=False)
     markers = subtype_markers(measured, _names(subtypes.labels), inputs.reference.X, inputs.genes, n_marker_genes)
     return SubtypeResult(anomalous, subtypes, markers, used_correction, config)
@@ -129,11 +128,6 @@ def subtype_layout(adata: ad.AnnData, *, seed: int = 0) -> pd.DataFrame:
     fused = adata.obsm[keys.FUSED][rows]
     table[list(UMAP)] = umap_2d(fused, seed) if rows.sum() > 2 else np.zeros((rows.sum(), 2), np.float32)
     return table
-
-
-def _module_one_embeddings(detector: AnomalyDetector, expression: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """``z = E(x)`` and ``ζ = E(x − x̂)`` with module I's encoder (and its reconstruction ``x̂``)."""
-    return detector.encode(expression), detector.encode(detector.reconstruction_residuals(expression))
 
 
 def _names(labels: np.ndarray) -> np.ndarray:
