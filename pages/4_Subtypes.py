@@ -82,6 +82,12 @@ if subtypes_are_stale(adata):
     )
 
 layout = run.load_subtype_layout()
+if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
+    st.info(
+        "These subtypes were found on uncorrected expression of several samples, so a subtype may be a sample "
+        "rather than a biology (check the sizes per sample below). Correct batches first (Correct step), then "
+        "find subtypes again.", icon="ℹ️",
+    )
 st.subheader(f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells")
 st.caption(
     f"{saved['k_reason']}. Clustering "

@@ -250,6 +250,7 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     assert not at.warning, [w.value for w in at.warning]
     assert any(h.value.startswith("2 subtypes of") for h in at.subheader)
     assert "k = 2 was given" in " ".join(c.value for c in at.caption)
+    assert any("Correct batches first" in info.value for info in at.info), "uncorrected samples: suggest correcting"
     charts = at.get("plotly_chart")
     assert len(charts) == 4, "map, sizes per sample, marker dot plot vs anomalies and vs reference"
     markers = at.dataframe[0].value
@@ -280,3 +281,4 @@ def test_the_demo_with_two_anomaly_types_keeps_the_progenitors():
     assert "CD34+" in data.source
     types = {t for target in data.targets.values() for t in target.obs["cell_type"]}
     assert {"CD34+", "CD19+ B"} <= types
+
