@@ -105,7 +105,11 @@ if colour_mode == "a cell annotation":
     title = right.selectbox("Annotation", choices, key="subtype_colour_column")
     values = adata.obs[title].reindex(layout["cell"]).astype(str).to_numpy()
 elif colour_mode == "a gene":
-    title = right.selectbox("Gene", inputs.genes, key="subtype_colour_gene")
+    top = next((t["gene"].iloc[0] for t in (saved[e] for e in MARKER_TABLES) if isinstance(t, pd.DataFrame) and len(t)), None)
+    title = right.selectbox(
+        "Gene", inputs.genes, index=inputs.genes.index(top) if top in inputs.genes else 0, key="subtype_colour_gene",
+        help="Measured log expression. Starts at the top marker gene.",
+    )
     column = expression[:, inputs.genes.index(title)]
     values = np.asarray(column.todense()).ravel().astype(float)
 event = st.plotly_chart(
