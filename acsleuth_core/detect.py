@@ -267,6 +267,11 @@ class AnomalyDetector:
         self._require_fitted()
         return np.vstack([residual for _, residual, _ in self._residual_batches(_as_csr(X))])
 
+    def residual_features(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
+        """The residuals as the anomaly predictor reads them: ``x − x̂`` per gene scale, clipped."""
+        self._require_fitted()
+        return self._features(_as_csr(X), None)[0]
+
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
         """Write weights, hyperparameters + genes (JSON) and calibration arrays into ``folder``."""

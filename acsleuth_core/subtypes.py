@@ -1,15 +1,21 @@
 """Module IV: anomaly subtypes from fused embeddings, clustered DESC-style (paper eq. 21–25).
 
-For the cells called anomalous: ``x`` is their corrected expression (or, with
-``use_correction=False`` or before correction, the expression the model saw),
-``r = x − x̂`` the residual of module I's reconstruction, ``z = E(x)`` and
-``ζ = E(r)`` with module I's encoder. A small transformer block reads ``z``
-and ``ζ`` as two tokens and fuses them into ``z*`` (eq. 21–22; with
-``use_residual=False`` only ``z`` is read).
+For the cells called anomalous, ``x`` is their log expression (batch-adjusted
+when a correction exists, see :mod:`subtyping`) and ``r`` the residual of
+module I's reconstruction, per gene scale as the anomaly predictor reads it.
+Each is embedded as one token (eq. 21): by default (``encoder="pca"``) the top
+principal components over the anomalous cells, of ``x`` with genes
+standardised and of ``r`` as it is; with ``encoder="module_one"`` module I's
+encoder, ``z = E(x)`` and ``ζ = E(r)``, as the paper does. Module I's encoder
+was trained on normal cells only and folds unseen cell types onto them: on the
+demo, k-means on ``[z | ζ]`` cannot tell the CD34+ progenitors from the B
+cells, while the principal components can (README, benchmarks). A small
+transformer block reads the tokens and fuses them into ``z*`` (eq. 22; with
+``use_residual=False`` only the expression token is read).
 
-The fusion starts as a PCA of the standardised ``[z | ζ]`` (the transformer
-layer begins as the identity, see :class:`FusionBlock`), so the starting
-partition sees the encoder's geometry, not a random projection of it.
+The fusion starts as a PCA of the block-scaled tokens (the transformer layer
+begins as the identity, see :class:`FusionBlock`), so the starting partition
+sees the tokens' geometry, not a random projection of it.
 
 Clustering follows DESC. Centroids start from k-means when k is given. In the
 automatic mode the starting partition is the one with the best silhouette
@@ -41,6 +47,10 @@ from .runtime import seed_everything
 
 #: cells the silhouette of a candidate partition is measured on (all of them below this)
 SILHOUETTE_SAMPLE = 5000
+#: how cells are embedded into tokens: principal components over the anomalies, or module I's encoder
+ENCODERS = ("pca", "module_one")
+#: standardised expression is clipped here, as ``scanpy.pp.scale(max_value=10)`` does
+SCALE_CLIP = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class SubtypeConfig:
     n_subtypes: Union[int, str] = "auto"
     resolution: float = 0.5
     use_residual: bool = True
+    encoder: str = "pca"
+    token_dim: int = 32
     fused_dim: int = 32
     heads: int = 4
     student_dof: float = 1.0
@@ -61,6 +73,10 @@ class SubtypeConfig:
     n_neighbors: int = 15
     max_auto_k: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise InputError(f"The subtype encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}.")
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -80,13 +96,25 @@ class Subtypes:
     label_changes: list[float]
 
 
+def principal_tokens(values: np.ndarray, dim: int, seed: int, *, standardise: bool) -> np.ndarray:
+    """Top ``dim`` principal components of ``values`` over these cells (genes standardised and clipped first if asked)."""
+    from sklearn.decomposition import PCA
+
+    values = np.asarray(values, dtype=np.float32)
+    if standardise:
+        spread = values.std(axis=0)
+        values = np.clip((values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0), -SCALE_CLIP, SCALE_CLIP)
+    n_components = min(dim, values.shape[0] - 1, values.shape[1])
+    return PCA(n_components, random_state=seed).fit_transform(values).astype(np.float32)
+
+
 class FusionBlock(nn.Module):
-    """Fuse ``z`` (and ``ζ``) as tokens of one transformer encoder layer into ``z*``.
+    """Fuse the expression token (and the residual token) as tokens of one transformer encoder layer into ``z*``.
 
     The layer is pre-norm with its two output projections zeroed, so it starts
     as the identity and training learns what to mix; :meth:`start_from` sets
     the final projection to the principal axes of the cells' tokens, so ``z*``
-    starts as a PCA of ``[z | ζ]`` rather than a random projection of it.
+    starts as a PCA of the tokens rather than a random projection of them.
     """
 
     def __init__(self, latent_dim: int, fused_dim: int, heads: int, use_residual: bool):
@@ -145,20 +173,20 @@ def sharpened_target(q: torch.Tensor, balance: float = 1.0) -> torch.Tensor:
 
 
 def find_subtypes(
-    latent: np.ndarray,
-    residual_latent: Optional[np.ndarray],
+    tokens: np.ndarray,
+    residual_tokens: Optional[np.ndarray],
     config: SubtypeConfig = SubtypeConfig(),
     *,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> Subtypes:
-    """Cluster anomalous cells from their encoder embeddings ``z`` (and ``ζ`` of their residuals)."""
-    n_cells = latent.shape[0]
+    """Cluster anomalous cells from their expression tokens (and the tokens of their residuals)."""
+    n_cells = tokens.shape[0]
     fixed_k = check_enough_anomalies(n_cells, config)
     generator = seed_everything(config.seed)
-    use_residual = config.use_residual and residual_latent is not None
-    z = _standardised(latent)
-    zeta = _standardised(residual_latent) if use_residual else None
+    use_residual = config.use_residual and residual_tokens is not None
+    z = _block_scaled(tokens)
+    zeta = _block_scaled(residual_tokens) if use_residual else None
     fusion = FusionBlock(z.shape[1], config.fused_dim, config.heads, use_residual)
     fusion.start_from(z, zeta)
     with torch.no_grad():
@@ -271,11 +299,16 @@ def _drop_empty(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(used, labels), q
 
 
-def _standardised(values: np.ndarray) -> torch.Tensor:
-    """Each column centred and scaled to unit variance over the anomalous cells (so ``z`` and ``ζ`` weigh alike)."""
+def _block_scaled(values: np.ndarray) -> torch.Tensor:
+    """Columns centred, the whole block scaled to a mean squared row norm of 1 (so both tokens weigh alike).
+
+    Scaling the block, not each column, keeps a token's own geometry: its
+    leading components stay larger than its noisy trailing ones.
+    """
     values = np.asarray(values, dtype=np.float32)
-    spread = values.std(axis=0)
-    return torch.as_tensor((values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0))
+    centred = values - values.mean(axis=0)
+    size = float(np.sqrt((centred**2).sum(axis=1).mean()))
+    return torch.as_tensor(centred / (size if size > 0 else 1.0))
 
 
 def _divisor_at_most(n: int, limit: int) -> int:

@@ -1,14 +1,20 @@
-"""Anomaly subtypes over an annotated result: embeddings for module IV, clustering, markers, keys.
+"""Anomaly subtypes over an annotated result: module IV's inputs, clustering, markers, keys.
 
-``subtype_anomalies`` takes the cells called anomalous, builds ``z = E(x)`` and
-``ζ = E(x − x̂)`` with module I (``x`` corrected when a correction is present
-and ``use_correction``), clusters them (:mod:`subtypes`) and finds marker
-genes (:mod:`markers`). Markers are tested on the measured log expression,
-not the corrected one: the correction is a decoder's output, smoother than
-real counts, so it serves the clustering, while differential expression is
-read off what was measured (as scanpy and Seurat advise for integrated data). ``annotate_subtypes`` writes the result under the
-documented keys. Re-running it with another k or resolution needs no GAN
-training.
+``subtype_anomalies`` takes the cells called anomalous, embeds their log
+expression and module I's residuals of it as tokens (:mod:`subtypes`),
+clusters them and finds marker genes (:mod:`markers`).
+
+When a correction exists (and ``use_correction``), the expression is
+batch-adjusted in gene space with the kin pairs of module II: each batch is
+shifted by the mean gap between its normal cells and their kin reference
+cells (:func:`kin_batch_shifts`). Module III's corrected layer is not used
+here: its decoder was trained to produce reference cells, so it draws
+anomalous cells towards normal types and blurs what sets them apart (on the
+demo, k-means of that layer cannot separate the progenitors from the B cells).
+Markers are tested on the measured log expression, not on any corrected one, as
+scanpy and Seurat advise for integrated data. ``annotate_subtypes`` writes
+the result under the documented keys. Re-running it with another k or
+resolution needs no GAN training.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .layout import CELL, umap_2d
 from .markers import subtype_markers
 from .model_inputs import ModelInputs
 from .progress import CancelToken, ProgressCallback
-from .subtypes import SubtypeConfig, Subtypes, check_enough_anomalies, find_subtypes
+from .subtypes import SubtypeConfig, Subtypes, check_enough_anomalies, find_subtypes, principal_tokens
 
 
 #: UMAP columns of :func:`subtype_layout`
@@ -63,22 +69,65 @@ def subtype_anomalies(
         raise InputError("This AnnData has no ACsleuth calls yet: run the detector first.")
     anomalous = adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
     check_enough_anomalies(int(anomalous.sum()), config)
-    used_correction = use_correction and keys.CORRECTED in adata.layers
-    expression = anomaly_expression(adata, inputs, anomalous, used_correction)
-    latent = detector.encode(expression)
-    residual_latent = detector.encode(detector.reconstruction_residuals(expression)) if config.use_residual else None
-    subtypes = find_subtypes(latent, residual_latent, config, progress=progress, cancel=cancel)
-    measured = anomaly_expression(adata, inputs, anomalous, corrected=False)
+    used_correction = use_correction and keys.KIN in adata.obs and bool(adata.obs[keys.KIN].notna().any())
+    measured = anomaly_expression(adata, inputs, anomalous)
+    expression = measured
+    if used_correction:
+        expression = batch_adjusted(measured, adata.obs[keys.BATCH].astype(str).to_numpy()[anomalous], kin_batch_shifts(adata, inputs))
+    tokens, residual_tokens = _tokens(expression, detector, config)
+    subtypes = find_subtypes(tokens, residual_tokens, config, progress=progress, cancel=cancel)
     markers = subtype_markers(measured, _names(subtypes.labels), inputs.reference.X, inputs.genes, n_marker_genes)
     return SubtypeResult(anomalous, subtypes, markers, used_correction, config)
 
 
-def anomaly_expression(adata: ad.AnnData, inputs: ModelInputs, anomalous: np.ndarray, corrected: bool) -> sp.csr_matrix:
-    """Log expression of the anomalous cells on the model's genes: corrected, or as the model saw it."""
-    if corrected:
-        columns = adata.var_names.get_indexer(inputs.genes)
-        return sp.csr_matrix(adata.layers[keys.CORRECTED])[anomalous][:, columns]
-    return sp.csr_matrix(inputs.target.X)[anomalous]
+def anomaly_expression(adata: ad.AnnData, inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
+    """Log expression of these target cells on the model's genes, as the model saw it (measured)."""
+    return sp.csr_matrix(inputs.target.X)[rows]
+
+
+def kin_batch_shifts(adata: ad.AnnData, inputs: ModelInputs) -> dict[str, np.ndarray]:
+    """Per batch, the mean of (kin reference cell − cell) over its cells with a kin pair (module II), per gene.
+
+    Kin pairs match a target cell with a reference cell of the same kind, so
+    this gap is the batch's effect in log-expression space, free of cell-type
+    composition; batches without kin pairs get no shift.
+    """
+    batches = adata.obs[keys.BATCH].astype(str).to_numpy()
+    kin = adata.obs[keys.KIN]
+    paired = kin.notna().to_numpy()
+    reference_rows = inputs.reference.obs_names.get_indexer(kin[paired].astype(str))
+    if (reference_rows < 0).any():
+        raise InputError("Some kin reference cells are not among the model's reference cells: run the correction again.")
+    target, reference = sp.csr_matrix(inputs.target.X), sp.csr_matrix(inputs.reference.X)
+    shifts = {}
+    for batch in np.unique(batches[paired]):
+        in_batch = batches[paired] == batch
+        own = target[np.nonzero(paired)[0][in_batch]]
+        partners = reference[reference_rows[in_batch]]
+        shifts[batch] = np.asarray(partners.mean(axis=0) - own.mean(axis=0), dtype=np.float32).ravel()
+    return shifts
+
+
+def batch_adjusted(expression, batches: np.ndarray, shifts: dict[str, np.ndarray]) -> np.ndarray:
+    """A dense copy of ``expression`` plus each row's batch shift, floored at zero (log expression is never negative)."""
+    adjusted = expression.toarray() if sp.issparse(expression) else np.array(expression, copy=True)
+    adjusted = adjusted.astype(np.float32, copy=False)
+    for batch, shift in shifts.items():
+        adjusted[batches == batch] += shift
+    return np.maximum(adjusted, 0.0)
+
+
+def _tokens(expression, detector: AnomalyDetector, config: SubtypeConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Module IV's expression and residual tokens, embedded as ``config.encoder`` says."""
+    if config.encoder == "module_one":
+        residual = detector.encode(detector.reconstruction_residuals(expression)) if config.use_residual else None
+        return detector.encode(expression), residual
+    dense = expression.toarray() if sp.issparse(expression) else np.asarray(expression)
+    tokens = principal_tokens(dense, config.token_dim, config.seed, standardise=True)
+    if not config.use_residual:
+        return tokens, None
+    features = detector.residual_features(expression)
+    return tokens, principal_tokens(features, config.token_dim, config.seed, standardise=False)
 
 
 def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:

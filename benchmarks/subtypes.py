@@ -29,6 +29,8 @@ Methods (``seed`` = the run's seed everywhere):
 * ``no_correction``: as ``acsleuth`` without correction (not run) and
   ``use_correction=False`` (module IV reads the expression the model saw).
 * ``no_residual``: as ``acsleuth`` with ``SubtypeConfig(seed, use_residual=False)``.
+* ``paper_encoder``: as ``acsleuth`` with ``SubtypeConfig(seed, encoder="module_one")``:
+  tokens from module I's encoder, as the paper does, instead of principal components.
 * ``kmeans`` and ``leiden`` (baselines) cluster the cells called by the full
   ACsleuth detection of the same seed (rerun in their own process; the report
   checks that the calls are identical, by a digest). Input: the called cells'
@@ -90,14 +92,14 @@ class Clustering:
 
 
 def acsleuth_subtypes(
-    run, seed: int, true_k: int, *, use_correction: bool = True, use_residual: bool = True
+    run, seed: int, true_k: int, *, use_correction: bool = True, use_residual: bool = True, encoder: str = "pca"
 ) -> Clustering:
     """Module IV with automatic k on the run's calls; labels as written to ``obs``."""
     from acsleuth_core import keys
     from acsleuth_core.pipeline import subtype_detection_run
     from acsleuth_core.subtypes import SubtypeConfig
 
-    config = SubtypeConfig(seed=seed, use_residual=use_residual)
+    config = SubtypeConfig(seed=seed, use_residual=use_residual, encoder=encoder)
     result = subtype_detection_run(run, config, use_correction=use_correction)
     called = run.adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
     labels = run.adata.obs[keys.SUBTYPE].astype(str).to_numpy()[called]
@@ -157,6 +159,9 @@ METHODS = {
     ),
     "no_residual": Method(
         acsleuth_subtypes, options={"use_residual": False}, description="SubtypeConfig(use_residual=False)"
+    ),
+    "paper_encoder": Method(
+        acsleuth_subtypes, options={"encoder": "module_one"}, description="SubtypeConfig(encoder='module_one')"
     ),
     "kmeans": Method(kmeans_baseline, correct=False, description="PCA + KMeans, given the true k"),
     "leiden": Method(leiden_baseline, correct=False, description="PCA + 15-NN + Leiden (res. 1.0)"),

@@ -50,7 +50,10 @@ with st.expander("Find subtypes", expanded=saved is None and not busy):
         seed = middle.number_input("Seed", 0, 2**31 - 1, 0, key="subtype_seed")
         use_correction = right.checkbox(
             "Use batch-corrected expression", value=corrected, disabled=not corrected, key="subtype_corrected",
-            help="Off, or before a correction, the expression as the model saw it is used (the paper's ablation).",
+            help=(
+                "On: each sample's expression is shifted by its batch effect, learnt from its kin pairs. Off, or "
+                "before a correction, the expression as the model saw it is used (the paper's ablation)."
+            ),
         )
         use_residual = right.checkbox(
             "Fuse the reconstruction residual", value=True, key="subtype_residual",
@@ -96,7 +99,7 @@ st.caption(
 )
 
 rows = adata.obs[keys.SUBTYPE].notna().to_numpy()
-expression = anomaly_expression(adata, inputs, rows, corrected=False)  # measured: what markers are tested on
+expression = anomaly_expression(adata, inputs, rows)  # measured: what markers are tested on
 left, right = st.columns([1, 2])
 colour_mode = left.radio("Colour cells by", COLOUR_MODES, horizontal=True, key="subtype_colour_mode")
 values, title = None, "subtype"

@@ -22,6 +22,8 @@ from acsleuth_core.metrics import batch_entropy, correction_metrics, ilisi, labe
 from acsleuth_core.mmd import PredictorConfig
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.neighbours import nearest
+from acsleuth_core.subtypes import SubtypeConfig
+from acsleuth_core.subtyping import kin_batch_shifts, subtype_anomalies
 from acsleuth_core.nn.reconstruction import ReconstructionGenerator
 from acsleuth_core.runtime import seed_everything
 from acsleuth_core.pipeline import call_anomalies, correct_detection_run, detect_anomalies
@@ -285,3 +287,19 @@ def test_seeding_asks_torch_for_deterministic_kernels():
     torch.use_deterministic_algorithms(False)
     seed_everything(0)
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_subtypes_of_a_corrected_run_are_found_on_kin_shifted_expression(corrected):
+    _, run, _, _ = corrected
+    inputs = ModelInputs.from_prepared(run.prepared)
+    shifts = kin_batch_shifts(run.adata, inputs)
+    assert set(shifts) == {"sample_A", "sample_B"}
+    batches = run.adata.obs[keys.BATCH].astype(str).to_numpy()
+    normal = run.adata.obs[keys.KIN].notna().to_numpy()
+    measured = np.asarray(inputs.target.X[normal].todense())
+    sample_mean = {b: measured[batches[normal] == b].mean(axis=0) for b in shifts}
+    # the kin partners of both samples are alike (reference cells), so the shifts differ by the samples' gap
+    gap = sample_mean["sample_A"] - sample_mean["sample_B"]
+    assert np.corrcoef(shifts["sample_B"] - shifts["sample_A"], gap)[0, 1] > 0.8
+    result = subtype_anomalies(run.adata, inputs, run.detector, SubtypeConfig(n_subtypes=2, max_epochs=5))
+    assert result.used_correction and result.subtypes.k_chosen == 2

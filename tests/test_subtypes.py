@@ -15,8 +15,9 @@ from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.mmd import PredictorConfig
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
-from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, sharpened_target, soft_assignments
-from acsleuth_core.subtyping import UMAP, subtype_layout, subtypes_are_stale
+from acsleuth_core.model_inputs import ModelInputs
+from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
+from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
 
 
 def _clusters(n=240, n_types=4, dim=16, spread=6.0, seed=0):
@@ -62,6 +63,48 @@ def test_balance_pulls_mass_towards_small_clusters():
     q = torch.tensor([[0.6, 0.4]] * 9 + [[0.2, 0.8]])  # cluster 1 is the small one
     unbalanced, balanced = sharpened_target(q, 0.0), sharpened_target(q, 1.0)
     assert (balanced[:, 1] > unbalanced[:, 1]).all()
+
+
+# ----------------------------------------------------------------- tokens
+def test_standardised_principal_tokens_keep_a_rare_subtype_marked_by_weak_genes():
+    rng = np.random.default_rng(2)
+    types = np.r_[np.zeros(100, int), np.ones(90, int), np.full(12, 2)]
+    expression = rng.normal(0.0, 0.3, (types.size, 60))
+    expression[types == 1, :20] += 3.0  # a large subtype, strongly marked
+    expression[types == 2, 50:58] += 1.5  # a rare one, marked by eight genes that vary little overall
+    tokens = principal_tokens(expression, 16, seed=0, standardise=True)
+    assert tokens.shape == (types.size, 16)
+    found = find_subtypes(tokens, None, SubtypeConfig(use_residual=False, max_epochs=20))
+    assert found.k_chosen == 3, found.k_reason
+    assert normalized_mutual_info_score(types, found.labels) >= 0.9
+
+
+def test_principal_tokens_of_few_cells_have_fewer_components():
+    assert principal_tokens(np.random.default_rng(0).normal(size=(6, 40)), 32, seed=0, standardise=False).shape == (6, 5)
+
+
+def test_an_unknown_encoder_is_refused():
+    with pytest.raises(InputError, match="encoder must be one of pca, module_one"):
+        SubtypeConfig(encoder="umap")
+
+
+def test_kin_shifts_recover_a_known_batch_shift():
+    rng = np.random.default_rng(0)
+    reference = ad.AnnData(rng.uniform(2.0, 3.0, (30, 4)).astype(np.float32))
+    reference.obs_names = [f"r{i}" for i in range(30)]
+    kin = rng.integers(0, 30, 40)
+    shift = {"a": np.array([0.5, -0.5, 0.0, 1.0]), "b": np.zeros(4)}
+    batches = np.repeat(["a", "b"], 20)
+    measured = reference.X[kin] + np.stack([shift[b] for b in batches])
+    measured[0, 0] = 0.2  # an unpaired cell (an anomaly) low on gene 0, which batch a raised by 0.5
+    target = ad.AnnData(measured.astype(np.float32))
+    target.obs[keys.BATCH] = batches
+    target.obs[keys.KIN] = pd.Series(np.where(np.arange(40) == 0, None, reference.obs_names[kin]), dtype=object).to_numpy()
+    shifts = kin_batch_shifts(target, ModelInputs(reference, target))
+    assert np.allclose(shifts["a"], -shift["a"], atol=1e-5) and np.allclose(shifts["b"], 0, atol=1e-5)
+    adjusted = batch_adjusted(target.X[1:], batches[1:], shifts)
+    assert np.allclose(adjusted, reference.X[kin[1:]], atol=1e-5)
+    assert batch_adjusted(target.X[:1], batches[:1], shifts)[0, 0] == 0.0  # floored: log expression is never negative
 
 
 # ------------------------------------------------------------- clustering
@@ -177,6 +220,13 @@ def test_only_anomalies_get_a_subtype(subtyped):
     fused = run.adata.obsm[keys.FUSED]
     assert np.isfinite(fused[anomalous]).all() and np.isnan(fused[~anomalous]).all()
     assert not result.used_correction  # the run was not corrected
+
+
+def test_the_papers_encoder_can_embed_the_tokens(subtyped):
+    run, _, _ = subtyped
+    inputs = ModelInputs.from_prepared(run.prepared)
+    result = subtype_anomalies(run.adata, inputs, run.detector, SubtypeConfig(encoder="module_one", n_subtypes=2, max_epochs=5))
+    assert result.subtypes.k_chosen == 2 and result.subtypes.fused.shape == (int(result.anomalous.sum()), 32)
 
 
 def test_subtype_summary_and_markers_are_recorded(subtyped):
