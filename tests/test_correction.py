@@ -13,13 +13,11 @@ import torch
 from acsleuth_core import keys
 from acsleuth_core.correction import CorrectionConfig, correct_batches, correction_is_stale, shared_label_columns
 from acsleuth_core.demo import LABEL_KEY, load_demo
-from acsleuth_core.detect import DetectorConfig
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import write_h5ad
 from acsleuth_core.kin import KinConfig, find_kin_pairs, latent_offsets
 from acsleuth_core.layout import AFTER, BEFORE, CELL, correction_layout, kin_segments
 from acsleuth_core.metrics import batch_entropy, correction_metrics, ilisi, label_purity
-from acsleuth_core.mmd import PredictorConfig
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.neighbours import nearest
 from acsleuth_core.subtypes import SubtypeConfig
@@ -28,6 +26,8 @@ from acsleuth_core.nn.reconstruction import ReconstructionGenerator
 from acsleuth_core.runtime import seed_everything
 from acsleuth_core.pipeline import call_anomalies, correct_detection_run, detect_anomalies
 from acsleuth_core.style import StyleConfig, StyleTransfer
+
+from tiny_models import DEMO_DETECTOR
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -171,16 +171,10 @@ def test_correcting_an_unknown_batch_is_an_error():
 
 
 # ------------------------------------------------------------------ pipeline
-DEMO_CONFIG = DetectorConfig(
-    epochs=5, latent_dim=16, hidden_dims=(32,), memory_size=64, batch_size=64,
-    predictor=PredictorConfig(warmup_epochs=2, epochs=3),
-)
-
-
 @pytest.fixture(scope="module")
 def corrected():
     demo = load_demo()
-    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_CONFIG)
+    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_DETECTOR)
     call_anomalies(run.adata, "fraction", 0.25)
     before = run.adata.copy()
     result = correct_detection_run(run, FAST, label_key=LABEL_KEY)
@@ -191,7 +185,7 @@ def test_every_target_cell_is_corrected_and_anomalies_get_no_kin(corrected):
     _, run, _, _ = corrected
     adata = run.adata
     anomalous = adata.obs[keys.ANOMALY].to_numpy(bool)
-    assert adata.obsm[keys.CORRECTED_LATENT].shape == (adata.n_obs, DEMO_CONFIG.latent_dim)
+    assert adata.obsm[keys.CORRECTED_LATENT].shape == (adata.n_obs, DEMO_DETECTOR.latent_dim)
     assert np.isfinite(adata.obsm[keys.CORRECTED_LATENT]).all()
     assert adata.obs[keys.KIN][anomalous].isna().all()
     assert adata.obs[keys.KIN][~anomalous].notna().all()

@@ -9,15 +9,15 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from acsleuth_core import keys
 from acsleuth_core.demo import load_demo
-from acsleuth_core.detect import DetectorConfig
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
-from acsleuth_core.mmd import PredictorConfig
-from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
 from acsleuth_core.model_inputs import ModelInputs
+from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
+
+from tiny_models import DEMO_DETECTOR
 
 
 def _clusters(n=240, n_types=4, dim=16, spread=6.0, seed=0):
@@ -192,16 +192,10 @@ def test_one_subtype_has_reference_markers_only():
 
 
 # --------------------------------------------------------------- pipeline
-DEMO_CONFIG = DetectorConfig(
-    epochs=5, latent_dim=16, hidden_dims=(32,), memory_size=64, batch_size=64,
-    predictor=PredictorConfig(warmup_epochs=2, epochs=3),
-)
-
-
 @pytest.fixture(scope="module")
 def subtyped():
     demo = load_demo(with_progenitors=True)
-    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_CONFIG)
+    run = detect_anomalies(demo.reference, demo.targets, n_hvg=200, config=DEMO_DETECTOR)
     call_anomalies(run.adata, "fraction", 0.2)
     before = run.adata.copy()
     result = subtype_detection_run(run, SubtypeConfig(n_subtypes=3, max_epochs=10))
