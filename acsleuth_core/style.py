@@ -46,7 +46,7 @@ class StyleConfig:
     alpha: float = 1.0
     beta: float = 0.05
     gp_weight: float = 10.0
-    latent_weight: float = 1.0
+    latent_weight: float = 2.0
     seed: int = 0
     device: str = "auto"
 
