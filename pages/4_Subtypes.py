@@ -23,9 +23,10 @@ MARKER_TABLES = {"markers_vs_anomalies": "vs the other anomalies", "markers_vs_r
 frame("Subtypes")
 st.title("4 · Anomaly subtypes")
 st.markdown(
-    "ACsleuth encodes each anomalous cell's expression and its reconstruction residual with the detector's "
-    "encoder, fuses the two, and clusters the fused embedding (DESC-style) into **subtypes**. Re-clustering "
-    "with another number of subtypes retrains no GAN and takes seconds."
+    "ACsleuth embeds each anomalous cell's expression and the detector's reconstruction residual of it "
+    "(principal components over the anomalous cells), fuses the two, and clusters the fused embedding "
+    "(DESC-style) into **subtypes**. Re-clustering with another number of subtypes retrains no GAN and takes "
+    "seconds."
 )
 run = stage_run("No anomalies to split yet")
 
@@ -49,7 +50,7 @@ with st.expander("Find subtypes", expanded=saved is None and not busy):
         )
         seed = middle.number_input("Seed", 0, 2**31 - 1, 0, key="subtype_seed")
         use_correction = right.checkbox(
-            "Use batch-corrected expression", value=corrected, disabled=not corrected, key="subtype_corrected",
+            "Use the batch correction", value=corrected, disabled=not corrected, key="subtype_corrected",
             help=(
                 "On: each sample's expression is shifted by its batch effect, learnt from its kin pairs. Off, or "
                 "before a correction, the expression as the model saw it is used (the paper's ablation)."
@@ -94,7 +95,7 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
 st.subheader(f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells")
 st.caption(
     f"{saved['k_reason']}. Clustering "
-    f"{'on batch-corrected expression' if saved['params']['used_correction'] else 'on uncorrected expression'}"
+    f"{'on batch-adjusted expression' if saved['params']['used_correction'] else 'on uncorrected expression'}"
     f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {saved['n_epochs']} training passes."
 )
 
