@@ -54,6 +54,7 @@ from .nn.adversarial import AdversarialConfig, epochs_for_steps, shuffled_rows, 
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
+from .similarity import ReferenceSimilarity
 
 WEIGHTS_FILE = "module1.pt"
 CONFIG_FILE = "detector.json"
@@ -79,6 +80,7 @@ class DetectorConfig:
     gp_weight: float = 10.0
     holdout_fraction: float = 0.2
     residual_clip: float = 10.0
+    reference_similarity: bool = True
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     seed: int = 0
     device: str = "auto"
@@ -113,6 +115,7 @@ class DetectionResult:
     batches: np.ndarray
     threshold: thr.Threshold
     reference_scores: np.ndarray
+    reference_dissimilarity: Optional[np.ndarray] = None
 
 
 class AnomalyDetector:
@@ -125,6 +128,7 @@ class AnomalyDetector:
         self.history: dict[str, list[float]] = {}
         self._holdout: Optional[sp.csr_matrix] = None
         self._gene_scale: Optional[np.ndarray] = None
+        self._similarity: Optional[ReferenceSimilarity] = None
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -174,6 +178,7 @@ class AnomalyDetector:
         train_residuals = np.vstack([d for _, d, _ in self._residual_batches(X_train)])
         self._gene_scale = _robust_gene_scale(train_residuals)
         self._holdout = X[holdout_idx]
+        self._similarity = ReferenceSimilarity.fit(X_train, seed=cfg.seed) if cfg.reference_similarity else None
         return self
 
     # ----------------------------------------------------------------- scoring
@@ -185,7 +190,15 @@ class AnomalyDetector:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> DetectionResult:
-        """Anomaly probabilities, calls, residual norms and latents for target cells."""
+        """Anomaly scores, calls, residual norms and latents for target cells.
+
+        The score joins two views of each cell, each turned into a conformal
+        p-value against the held-out reference cells: module I's (the MMD
+        predictor on the reconstruction residuals) and, unless
+        ``reference_similarity`` is off, how unlike its most similar reference
+        cells the cell is (:mod:`similarity`). ``score = 1 − p`` with ``p``
+        Fisher's combination of the two; with one view, ``score = σ(logit)``.
+        """
         self._require_fitted()
         cfg = self.config
         X = _as_csr(target)
@@ -198,26 +211,21 @@ class AnomalyDetector:
         generator_rng = seed_everything(cfg.seed + 1)
         features, residual_norm, latent = self._features(X, cancel)
         holdout_features, _, _ = self._features(self._holdout, cancel)
-        base = np.log(_mean_square(features))
-        base_holdout = np.log(_mean_square(holdout_features))
-        warm, warm_route = _warm_start_targets(base, base_holdout)
-        predictor = fit_predictor(
-            features, warm, cfg.predictor, generator=generator_rng, progress=progress, cancel=cancel
+        residual_view, holdout_residual_view, route = self._residual_view(
+            features, holdout_features, generator_rng, progress, cancel
         )
-        logits = predict_logits(predictor, features)
-        reference_logits = predict_logits(predictor, holdout_features)
-        scores, reference_scores = thr.expit(logits), thr.expit(reference_logits)
+        dissimilarity = None
+        if self._similarity is None:
+            scores, reference_scores = thr.expit(residual_view), thr.expit(holdout_residual_view)
+        else:
+            check_cancel(cancel)
+            dissimilarity = self._similarity.dissimilarity(X)
+            holdout_dissimilarity = self._similarity.dissimilarity(self._holdout)
+            scores, reference_scores = _two_view_scores(
+                (residual_view, holdout_residual_view), (_log_positive(dissimilarity), _log_positive(holdout_dissimilarity))
+            )
+            route["views"] = "residual + reference similarity (Fisher)"
         threshold = thr.label_free_threshold(scores, reference_scores)
-        route = {
-            "score": "predictor",
-            "warm_start": warm_route,
-            "reference_in_anomalous_group": float(np.mean(reference_logits > 0)),
-        }
-        if not _passes_self_check(threshold, scores):
-            route["score"] = "base"
-            scores = thr.expit(_standardise(base, base_holdout))
-            reference_scores = thr.expit(_standardise(base_holdout, base_holdout))
-            threshold = thr.label_free_threshold(scores, reference_scores)
         threshold = dataclasses.replace(threshold, detail=threshold.detail | route)
         return DetectionResult(
             scores=scores,
@@ -227,7 +235,37 @@ class AnomalyDetector:
             batches=batches,
             threshold=threshold,
             reference_scores=reference_scores,
+            reference_dissimilarity=dissimilarity,
         )
+
+    def _residual_view(
+        self,
+        features: np.ndarray,
+        holdout_features: np.ndarray,
+        generator_rng: torch.Generator,
+        progress: Optional[ProgressCallback],
+        cancel: Optional[CancelToken],
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Module I's evidence on a logit scale, for targets and held-out cells: the MMD predictor's
+        logits, or the standardised residual mean square when the predictor's call fails its check."""
+        base = np.log(_mean_square(features))
+        base_holdout = np.log(_mean_square(holdout_features))
+        warm, warm_route = _warm_start_targets(base, base_holdout)
+        predictor = fit_predictor(
+            features, warm, self.config.predictor, generator=generator_rng, progress=progress, cancel=cancel
+        )
+        logits = predict_logits(predictor, features)
+        reference_logits = predict_logits(predictor, holdout_features)
+        route = {
+            "score": "predictor",
+            "warm_start": warm_route,
+            "reference_in_anomalous_group": float(np.mean(reference_logits > 0)),
+        }
+        predictor_call = thr.label_free_threshold(thr.expit(logits), thr.expit(reference_logits))
+        if _passes_self_check(predictor_call, thr.expit(logits)):
+            return logits, reference_logits, route
+        route["score"] = "base"
+        return _standardise(base, base_holdout), _standardise(base_holdout, base_holdout), route
 
     def _features(
         self, X: sp.csr_matrix, cancel: Optional[CancelToken]
@@ -289,6 +327,7 @@ class AnomalyDetector:
             holdout_indptr=h.indptr,
             holdout_shape=np.array(h.shape),
             gene_scale=self._gene_scale,
+            **(self._similarity.to_arrays() if self._similarity is not None else {}),
         )
         return folder
 
@@ -312,6 +351,8 @@ class AnomalyDetector:
                 (cal["holdout_data"], cal["holdout_indices"], cal["holdout_indptr"]), shape=tuple(cal["holdout_shape"])
             )
             detector._gene_scale = cal["gene_scale"]
+            if detector.config.reference_similarity and "similarity_axes" in cal.files:
+                detector._similarity = ReferenceSimilarity.from_arrays(cal)
         return detector
 
     def _require_fitted(self) -> None:
@@ -372,6 +413,29 @@ def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> tuple[np.
     return stats.rankdata(base) / base.size, "rank"
 
 
+def _two_view_scores(*views: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of target and held-out cells from ``(target, held-out)`` statistics of each view (high = anomalous).
+
+    Each view becomes a conformal p-value against the held-out cells (leave
+    one out for the held-out cells themselves), which caps the evidence any
+    one view can give; ``score = 1 − `` Fisher's combination. Capped p-values
+    tie (cells beyond every held-out cell in both views): ties are broken by
+    the views' standardised sum, within the gap to the next score, so no other
+    order changes and a fraction or manual cut can still split them.
+    """
+    n_targets = views[0][0].size
+    combined = np.concatenate([
+        1.0 - thr.fisher_combined(*(thr.conformal_pvalues(t, h) for t, h in views)),
+        1.0 - thr.fisher_combined(*(thr.held_out_pvalues(h) for _, h in views)),
+    ]).round(12)  # equal p-values in another order differ by rounding only: make them tie
+    evidence = sum(_standardise(np.concatenate([t, h]), h) for t, h in views) / len(views)
+    squashed = 0.5 + 0.5 * evidence / (1.0 + np.abs(evidence))  # into (0, 1); unlike σ, no plateau far out
+    levels = np.unique(combined)
+    room = np.append(levels[1:], 1.0)[np.searchsorted(levels, combined)] - combined
+    scores = combined + 0.5 * room * squashed
+    return scores[:n_targets], scores[n_targets:]
+
+
 def _passes_self_check(threshold: thr.Threshold, scores: np.ndarray) -> bool:
     """Whether the predictor's label-free call is validated by the held-out reference cells:
     its anchored mixture was trusted (it calls at most ``MAX_REFERENCE_CALLED`` of them, see
@@ -392,3 +456,7 @@ def _mean_square(features: np.ndarray, chunk: int = 4096) -> np.ndarray:
         block = features[start : start + chunk].astype(np.float64)
         out[start : start + chunk] = np.einsum("ij,ij->i", block, block) / features.shape[1]
     return np.maximum(out, 1e-12)
+
+
+def _log_positive(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(x, 1e-12))

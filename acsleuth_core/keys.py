@@ -12,6 +12,8 @@ ANOMALY = "acsleuth_anomaly"
 BATCH = "acsleuth_batch"
 #: ``obs``: plain reconstruction-residual norm (diagnostic, reported beside the score).
 RESIDUAL_NORM = "acsleuth_residual_norm"
+#: ``obs``: 1 − mean cosine similarity to the most similar reference cells (the score's second view).
+REFERENCE_DISSIMILARITY = "acsleuth_reference_dissimilarity"
 #: ``obsm``: module-I latent embedding.
 LATENT = "X_acsleuth"
 #: ``uns``: parameters, threshold, training curves and versions.

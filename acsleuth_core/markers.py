@@ -15,6 +15,8 @@ import scipy.sparse as sp
 GROUP = "subtype"
 REFERENCE_GROUP = "reference"
 COLUMNS = ["subtype", "gene", "score", "logfoldchange", "pval_adj"]
+#: a Wilcoxon test needs at least this many cells in each group it compares
+MIN_CELLS = 2
 
 
 def subtype_markers(
@@ -25,14 +27,18 @@ def subtype_markers(
     n_genes: int = 25,
 ) -> dict[str, pd.DataFrame]:
     """``{"vs_anomalies": table, "vs_reference": table}`` of each subtype's top ``n_genes`` markers
-    (log-scale expression in, cells × ``genes``). With one subtype, ``vs_anomalies`` is empty."""
+    (log-scale expression in, cells × ``genes``). Subtypes of a single cell cannot be tested and get
+    no markers; with one subtype, ``vs_anomalies`` is empty."""
     labels = np.asarray(labels).astype(str)
+    names, sizes = np.unique(labels, return_counts=True)
+    testable = [name for name, size in zip(names, sizes) if size >= MIN_CELLS]
     anomalies = _labelled(expression, labels, genes, "anomaly")
-    out = {"vs_anomalies": pd.DataFrame(columns=COLUMNS)}
-    if len(np.unique(labels)) > 1:
-        out["vs_anomalies"] = _ranked(anomalies, "rest", n_genes)
-    both = ad.concat([anomalies, _labelled(reference_expression, np.full(reference_expression.shape[0], REFERENCE_GROUP), genes, "reference")])
-    out["vs_reference"] = _ranked(both, REFERENCE_GROUP, n_genes, groups=sorted(np.unique(labels)))
+    out = {"vs_anomalies": pd.DataFrame(columns=COLUMNS), "vs_reference": pd.DataFrame(columns=COLUMNS)}
+    if len(names) > 1 and testable:
+        out["vs_anomalies"] = _ranked(anomalies, "rest", n_genes, groups=testable)
+    if testable and reference_expression.shape[0] >= MIN_CELLS:
+        reference = _labelled(reference_expression, np.full(reference_expression.shape[0], REFERENCE_GROUP), genes, "reference")
+        out["vs_reference"] = _ranked(ad.concat([anomalies, reference]), REFERENCE_GROUP, n_genes, groups=testable)
     return out
 
 
@@ -44,13 +50,13 @@ def _labelled(X, labels: np.ndarray, genes: list[str], prefix: str) -> ad.AnnDat
     return adata
 
 
-def _ranked(adata: ad.AnnData, reference: str, n_genes: int, groups="all") -> pd.DataFrame:
+def _ranked(adata: ad.AnnData, reference: str, n_genes: int, groups: list[str]) -> pd.DataFrame:
     import scanpy as sc
 
     sc.tl.rank_genes_groups(adata, GROUP, groups=groups, reference=reference, method="wilcoxon", n_genes=n_genes, use_raw=False)
     table = sc.get.rank_genes_groups_df(adata, group=None)
     if "group" not in table:  # one group: scanpy leaves the column out
-        table.insert(0, "group", groups[0] if groups != "all" else adata.obs[GROUP].cat.categories[0])
+        table.insert(0, "group", groups[0])
     table = table.rename(columns={"group": "subtype", "names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
     table["subtype"] = table["subtype"].astype(str)
     return table[COLUMNS].reset_index(drop=True)

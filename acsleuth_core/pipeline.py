@@ -112,6 +112,8 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
     adata.obs[keys.SCORE] = result.scores
     adata.obs[keys.ANOMALY] = result.calls
     adata.obs[keys.RESIDUAL_NORM] = result.residual_norm
+    if result.reference_dissimilarity is not None:
+        adata.obs[keys.REFERENCE_DISSIMILARITY] = result.reference_dissimilarity
     adata.obsm[keys.LATENT] = result.latent
     adata.uns[keys.UNS] = {
         "params": _h5ad_safe(detector.config.to_json()),

@@ -157,6 +157,20 @@ def conformal_pvalues(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (1.0 + n_at_or_above) / (r.size + 1.0)
 
 
+def held_out_pvalues(reference: np.ndarray) -> np.ndarray:
+    """Each reference score's conformal p-value against the *other* reference scores (leave one out)."""
+    r = np.asarray(reference, dtype=np.float64)
+    ordered = np.sort(r)
+    n_others_at_or_above = ordered.size - np.searchsorted(ordered, r, side="left") - 1
+    return (1.0 + n_others_at_or_above) / ordered.size
+
+
+def fisher_combined(*pvalues: np.ndarray) -> np.ndarray:
+    """Fisher's combination of independent tests: the χ²(2m) tail of ``−2 Σ log p`` over the m p-values."""
+    statistic = -2.0 * np.sum([np.log(np.asarray(p, dtype=np.float64)) for p in pvalues], axis=0)
+    return stats.chi2.sf(statistic, 2 * len(pvalues))
+
+
 def benjamini_hochberg(pvalues: np.ndarray, q: float = FDR_LEVEL) -> np.ndarray:
     """Boolean rejections of the Benjamini–Hochberg step-up procedure at level ``q``."""
     p = np.asarray(pvalues, dtype=np.float64)

@@ -108,6 +108,7 @@ def test_a_predictor_that_calls_the_held_out_reference_falls_back_to_the_base_sc
     _, target, is_anomaly = data
     detector, _ = fitted
     monkeypatch.setattr(detect, "fit_predictor", lambda *args, **kwargs: _CallsEveryCell())
+    monkeypatch.setattr(detector, "_similarity", None)  # the residual view alone
     result = detector.score(target)
     detail = result.threshold.detail
     assert detail["reference_in_anomalous_group"] == 1.0

@@ -256,3 +256,12 @@ def test_a_new_threshold_marks_the_subtypes_stale(subtyped):
     assert not subtypes_are_stale(adata)
     call_anomalies(adata, "fraction", 0.1)
     assert subtypes_are_stale(adata)
+
+
+def test_a_one_cell_subtype_gets_no_markers_but_the_others_do():
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.0, (21, 10)).astype(np.float32)
+    labels = np.r_[np.full(10, "1"), np.full(10, "2"), ["3"]]
+    markers = subtype_markers(np.log1p(X), labels, np.log1p(X), [f"g{i}" for i in range(10)], n_genes=3)
+    for table in markers.values():
+        assert set(table.subtype) == {"1", "2"}

@@ -173,3 +173,15 @@ def test_logit_and_expit_are_inverse_and_logit_is_finite_at_zero_and_one():
     x = np.linspace(-8, 8, 17)
     np.testing.assert_allclose(thr.logit(thr.expit(x)), x, atol=1e-9)
     assert np.all(np.isfinite(thr.logit(np.array([0.0, 1.0]))))
+
+
+def test_held_out_pvalues_rank_each_score_against_the_others():
+    p = thr.held_out_pvalues(np.array([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(p, [4 / 4, 3 / 4, 2 / 4, 1 / 4])  # (1 + others at or above) / n
+
+
+def test_fisher_combination_adds_up_evidence():
+    one = np.array([0.5])
+    assert thr.fisher_combined(np.array([1.0]), np.array([1.0]))[0] == pytest.approx(1.0)
+    assert thr.fisher_combined(np.array([0.01]), one)[0] < 0.05  # one strong test carries the call
+    assert thr.fisher_combined(np.array([0.01]), np.array([0.01]))[0] < thr.fisher_combined(np.array([0.01]), one)[0]
