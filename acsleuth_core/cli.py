@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", choices=DEVICES)
     run.add_argument("--no-memory-bank", action="store_true", help="ablation: decode the latent directly")
+    run.add_argument(
+        "--residual-only", action="store_true",
+        help="score with module I's residual view alone (the paper's score), without the reference-similarity view",
+    )
     call = run.add_mutually_exclusive_group()
     call.add_argument("--expected-fraction", type=float, help="call this fraction of target cells anomalous")
     call.add_argument("--threshold", type=float, help="call cells with score above this value anomalous")
@@ -92,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         memory_size=0 if args.no_memory_bank else DetectorConfig.memory_size,
+        reference_similarity=not args.residual_only,
     )
     detector = AnomalyDetector.load(args.model) if args.model else None
     with _ProgressBar() as bar:

@@ -8,14 +8,17 @@ scores the targets once; the AUROC of each signal below is then computed
 against the truth (used for evaluation only). Every signal is label-free and
 fitted on reference cells only:
 
-* ``ACsleuth score``: the MMD predictor's probability (what the product calls on);
+* ``module I score``: the MMD predictor's probability, with the detector run as
+  ``DetectorConfig(reference_similarity=False)`` (the paper's score);
 * ``residual mean square``: each cell's mean squared residual feature (the
   predictor's warm start and fallback score);
 * ``kNN distance …``: mean distance to the 15 nearest reference cells in the
   module-I latent, in residual-feature space, or in a 50-PC PCA of the log
   expression fitted on the reference;
 * ``cosine similarity``: mean cosine similarity of the log expression to the 15
-  most similar reference cells, negated (a scmap-like similarity score).
+  most similar reference cells, negated (a scmap-like similarity score);
+* ``reference dissimilarity``: ACsleuth's second view
+  (:class:`acsleuth_core.similarity.ReferenceSimilarity`, fitted on all reference cells).
 """
 
 from __future__ import annotations
@@ -66,20 +69,22 @@ def signal_aurocs(data: str, seed: int) -> dict[str, float]:
     from acsleuth_core.detect import DetectorConfig
     from acsleuth_core.model_inputs import ModelInputs
     from acsleuth_core.pipeline import detect_anomalies
+    from acsleuth_core.similarity import ReferenceSimilarity
 
     task = detection.load_task(data)
-    run = detect_anomalies(task.reference, task.targets, config=DetectorConfig(seed=seed))
+    run = detect_anomalies(task.reference, task.targets, config=DetectorConfig(seed=seed, reference_similarity=False))
     inputs, detector = ModelInputs.from_prepared(run.prepared), run.detector
     reference, target = (np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X) for a in (inputs.reference, inputs.target))
     features, reference_features = detector.residual_features(target), detector.residual_features(reference)
     pca = PCA(N_PCS, random_state=seed).fit(reference)
     signals = {
-        "ACsleuth score": run.adata.obs[keys.SCORE].to_numpy(),
+        "module I score (MMD predictor)": run.adata.obs[keys.SCORE].to_numpy(),
         "residual mean square": (features.astype(np.float64) ** 2).mean(axis=1),
         "kNN distance, module-I latent": knn_mean_distance(detector.encode(reference), detector.encode(target)),
         "kNN distance, residual features": knn_mean_distance(reference_features, features),
         f"kNN distance, {N_PCS}-PC expression PCA": knn_mean_distance(pca.transform(reference), pca.transform(target)),
         "cosine similarity to reference (negated)": -top_cosine_similarity(reference, target),
+        "reference dissimilarity (ACsleuth's second view)": ReferenceSimilarity.fit(reference, seed=seed).dissimilarity(target),
     }
     return {name: float(roc_auc_score(task.truth, values)) for name, values in signals.items()}
 

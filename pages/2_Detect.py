@@ -41,12 +41,18 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
         )
         seed = right.number_input("Seed", 0, 2**31 - 1, 0, disabled=busy, help="Same seed, same data → same results.")
         memory = left.checkbox("Memory bank", True, disabled=busy, help="Off is the paper's ablation; keep it on for real analyses.")
+        similarity = left.checkbox(
+            "Reference-similarity view", True, disabled=busy,
+            help="Also score how unlike its most similar reference cells each cell is. Off: module I's "
+            "reconstruction residuals alone (the paper's score), which miss cell types the model rebuilds well.",
+        )
         name = right.text_input("Run name", "detection", disabled=busy)
         if st.button("Train and score", type="primary", disabled=busy):
             config = DetectorConfig(
                 epochs=int(epochs) or None,
                 seed=int(seed),
                 memory_size=DetectorConfig.memory_size if memory else 0,
+                reference_similarity=similarity,
             )
             run, job = start_detection_run(
                 run_store(), job_registry(), data.reference, data.targets,

@@ -52,6 +52,19 @@ def test_run_writes_annotated_anndata_and_cell_table(demo_run, demo_files):
     assert len(cells) == adata.n_obs
     np.testing.assert_allclose(cells[keys.SCORE].to_numpy(), adata.obs[keys.SCORE].to_numpy())
     assert cells[keys.ANOMALY].sum() == adata.obs[keys.ANOMALY].sum()
+    assert cells[keys.REFERENCE_DISSIMILARITY].between(0, 2).all()  # the score's second view, exported
+
+
+def test_residual_only_scores_with_module_one_alone(demo_files, tmp_path):
+    out = tmp_path / "residual.h5ad"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--out", str(out), "--residual-only", "--n-subtypes", "0", *QUICK,
+    ])
+    assert code == 0
+    adata = ad.read_h5ad(out)
+    assert not adata.uns[keys.UNS]["params"]["reference_similarity"]
+    assert keys.REFERENCE_DISSIMILARITY not in adata.obs and "views" not in adata.uns[keys.UNS]["threshold"]["detail"]
 
 
 def test_run_corrects_batches_by_default_when_targets_hold_two_batches(demo_run):
