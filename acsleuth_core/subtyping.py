@@ -108,7 +108,7 @@ def kin_batch_shifts(adata: ad.AnnData, inputs: ModelInputs) -> dict[str, np.nda
     return shifts
 
 
-def batch_adjusted(expression, batches: np.ndarray, shifts: dict[str, np.ndarray]) -> np.ndarray:
+def batch_adjusted(expression: sp.spmatrix | np.ndarray, batches: np.ndarray, shifts: dict[str, np.ndarray]) -> np.ndarray:
     """A dense copy of ``expression`` plus each row's batch shift, floored at zero (log expression is never negative)."""
     adjusted = expression.toarray() if sp.issparse(expression) else np.array(expression, copy=True)
     adjusted = adjusted.astype(np.float32, copy=False)
@@ -117,7 +117,7 @@ def batch_adjusted(expression, batches: np.ndarray, shifts: dict[str, np.ndarray
     return np.maximum(adjusted, 0.0)
 
 
-def _tokens(expression, detector: AnomalyDetector, config: SubtypeConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _tokens(expression: sp.spmatrix | np.ndarray, detector: AnomalyDetector, config: SubtypeConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Module IV's expression and residual tokens, embedded as ``config.encoder`` says."""
     if config.encoder == "module_one":
         residual = detector.encode(detector.reconstruction_residuals(expression)) if config.use_residual else None
