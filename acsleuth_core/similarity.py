@@ -46,21 +46,12 @@ class ReferenceSimilarity:
         n_components = max(1, min(N_COMPONENTS, X.shape[0] - 1, X.shape[1] - 1))
         # arpack centres a sparse matrix implicitly: no dense copy of the reference is made
         pca = PCA(n_components, svd_solver="arpack", random_state=seed).fit(X)
-        similarity = cls(
-            mean=pca.mean_.astype(np.float32),
-            axes=pca.components_.astype(np.float32),
-            reference_directions=np.empty((0, n_components), dtype=np.float32),
-            n_neighbours=min(N_NEIGHBOURS, X.shape[0]),
-        )
-        similarity.reference_directions = similarity.directions(X)
-        return similarity
+        mean, axes = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+        return cls(mean, axes, _directions(X, mean, axes), n_neighbours=min(N_NEIGHBOURS, X.shape[0]))
 
     def directions(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         """Unit vectors of ``(x − mean)`` projected on the axes, one row per cell."""
-        X = sp.csr_matrix(X, dtype=np.float32)
-        projected = np.asarray(X @ self.axes.T) - self.mean @ self.axes.T
-        norms = np.linalg.norm(projected, axis=1, keepdims=True)
-        return (projected / np.maximum(norms, 1e-12)).astype(np.float32)
+        return _directions(X, self.mean, self.axes)
 
     def dissimilarity(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         """``1 − mean cosine similarity`` to the most similar reference cells, in [0, 2] (0 = a reference twin)."""
@@ -85,3 +76,10 @@ class ReferenceSimilarity:
             reference_directions=arrays["similarity_directions"],
             n_neighbours=int(arrays["similarity_neighbours"]),
         )
+
+
+def _directions(X: sp.spmatrix | np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    X = sp.csr_matrix(X, dtype=np.float32)
+    projected = np.asarray(X @ axes.T) - mean @ axes.T
+    norms = np.linalg.norm(projected, axis=1, keepdims=True)
+    return (projected / np.maximum(norms, 1e-12)).astype(np.float32)

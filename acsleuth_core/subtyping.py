@@ -70,7 +70,7 @@ def subtype_anomalies(
     anomalous = adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
     check_enough_anomalies(int(anomalous.sum()), config)
     used_correction = use_correction and keys.KIN in adata.obs and bool(adata.obs[keys.KIN].notna().any())
-    measured = anomaly_expression(adata, inputs, anomalous)
+    measured = anomaly_expression(inputs, anomalous)
     expression = measured
     if used_correction:
         expression = batch_adjusted(measured, adata.obs[keys.BATCH].astype(str).to_numpy()[anomalous], kin_batch_shifts(adata, inputs))
@@ -80,7 +80,7 @@ def subtype_anomalies(
     return SubtypeResult(anomalous, subtypes, markers, used_correction, config)
 
 
-def anomaly_expression(adata: ad.AnnData, inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
+def anomaly_expression(inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
     """Log expression of these target cells on the model's genes, as the model saw it (measured)."""
     return sp.csr_matrix(inputs.target.X)[rows]
 

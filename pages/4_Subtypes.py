@@ -100,7 +100,7 @@ st.caption(
 )
 
 rows = adata.obs[keys.SUBTYPE].notna().to_numpy()
-expression = anomaly_expression(adata, inputs, rows)  # measured: what markers are tested on
+expression = anomaly_expression(inputs, rows)  # measured: what markers are tested on
 left, right = st.columns([1, 2])
 colour_mode = left.radio("Colour cells by", COLOUR_MODES, horizontal=True, key="subtype_colour_mode")
 values, title = None, "subtype"
