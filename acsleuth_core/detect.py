@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,7 +50,7 @@ import torch
 from . import threshold as thr
 from .errors import ModelError
 from .mmd import PredictorConfig, fit_predictor, predict_logits
-from .nn.adversarial import AdversarialConfig, epochs_for_steps, shuffled_rows, train_adversarial
+from .nn.adversarial import GanTraining, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
@@ -62,39 +62,25 @@ CALIBRATION_FILE = "calibration.npz"
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(GanTraining):
     """Hyperparameters of module I and of the scoring that follows it."""
+
+    EPOCH_BOUNDS: ClassVar[tuple[int, int]] = (20, 400)
 
     latent_dim: int = 256
     hidden_dims: tuple[int, ...] = (512,)
     memory_size: int = 512
     temperature: Optional[float] = None
     dropout: float = 0.1
-    epochs: Optional[int] = None
     target_steps: int = 2000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    n_critic: int = 2
-    alpha: float = 1.0
-    beta: float = 0.05
-    gp_weight: float = 10.0
     holdout_fraction: float = 0.2
     residual_clip: float = 10.0
     reference_similarity: bool = True
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    seed: int = 0
-    device: str = "auto"
 
     @property
     def use_memory_bank(self) -> bool:
         return self.memory_size > 0
-
-    def n_epochs(self, n_cells: int) -> int:
-        """``epochs`` when given, else enough passes for about ``target_steps`` mini-batches (20–400)."""
-        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (20, 400))
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "DetectorConfig":
@@ -151,15 +137,7 @@ class AnomalyDetector:
         self.genes = list(genes)
         self.generator = _new_generator(cfg, len(genes)).to(device)
         critic = critic_network(len(genes)).to(device)
-        adversarial = AdversarialConfig(
-            epochs=cfg.n_epochs(X_train.shape[0]),
-            learning_rate=cfg.learning_rate,
-            critic_learning_rate=cfg.learning_rate,
-            n_critic=cfg.n_critic,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gp_weight=cfg.gp_weight,
-        )
+        adversarial = cfg.adversarial(X_train.shape[0])
         batch_size = min(cfg.batch_size, X_train.shape[0])
 
         def epoch_batches() -> Iterator[torch.Tensor]:

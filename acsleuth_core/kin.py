@@ -16,8 +16,8 @@ The offsets also seed module III's style vectors.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,36 +25,23 @@ import torch
 from torch import nn
 
 from .neighbours import nearest
-from .nn.adversarial import AdversarialConfig, GeneratorOutput, epochs_for_steps, shuffled_rows, train_adversarial
+from .nn.adversarial import GanTraining, GeneratorOutput, shuffled_rows, train_adversarial
 from .nn.reconstruction import critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
 
 
 @dataclass(frozen=True)
-class KinConfig:
-    """Hyperparameters of module II."""
+class KinConfig(GanTraining):
+    """Hyperparameters of module II (every mapping row is updated 10–200 times by default)."""
+
+    EPOCH_BOUNDS: ClassVar[tuple[int, int]] = (10, 200)
 
     n_candidates: int = 15
     align_rounds: int = 3
-    epochs: Optional[int] = None
-    target_steps: int = 1000
     batch_size: int = 256
     learning_rate: float = 0.01
-    critic_learning_rate: float = 1e-3
-    n_critic: int = 2
-    alpha: float = 1.0
-    beta: float = 0.05
-    gp_weight: float = 10.0
-    seed: int = 0
-    device: str = "auto"
-
-    def n_epochs(self, n_cells: int) -> int:
-        """``epochs`` when given, else about ``target_steps`` mini-batches (every row updated 10–200 times)."""
-        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (10, 200))
-
-    def to_json(self) -> dict:
-        return asdict(self)
+    critic_learning_rate: Optional[float] = 1e-3
 
 
 @dataclass
@@ -132,16 +119,7 @@ def find_kin_pairs(
     candidates, distances = nearest(reference_latent, aligned, k, seed=config.seed)
     mapping = SparseKinMapping(candidates, reference_latent, _initial_weights(distances)).to(device)
     target = torch.as_tensor(aligned, dtype=torch.float32, device=device)
-    adversarial = AdversarialConfig(
-        epochs=config.n_epochs(len(aligned)),
-        learning_rate=config.learning_rate,
-        critic_learning_rate=config.critic_learning_rate,
-        n_critic=config.n_critic,
-        alpha=config.alpha,
-        beta=config.beta,
-        gp_weight=config.gp_weight,
-        generator_optimiser="sparse_adam",
-    )
+    adversarial = config.adversarial(len(aligned), generator_optimiser="sparse_adam")
     batch_size = min(config.batch_size, len(aligned))
 
     def epoch_batches() -> Iterator[torch.Tensor]:

@@ -17,7 +17,7 @@ corrected.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .nn.adversarial import AdversarialConfig, GeneratorOutput, epochs_for_steps, shuffled_rows, train_adversarial
+from .nn.adversarial import GanTraining, GeneratorOutput, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import resolve_device, seed_everything
@@ -35,27 +35,11 @@ REFERENCE_CODE = -1
 
 
 @dataclass(frozen=True)
-class StyleConfig:
-    """Hyperparameters of module III."""
+class StyleConfig(GanTraining):
+    """Hyperparameters of module III (training settings as :class:`GanTraining`, 10–300 passes)."""
 
-    epochs: Optional[int] = None
-    target_steps: int = 1000
-    batch_size: int = 128
     learning_rate: float = 5e-4
-    n_critic: int = 2
-    alpha: float = 1.0
-    beta: float = 0.05
-    gp_weight: float = 10.0
     latent_weight: float = 2.0
-    seed: int = 0
-    device: str = "auto"
-
-    def n_epochs(self, n_cells: int) -> int:
-        """``epochs`` when given, else about ``target_steps`` mini-batches (10–300 passes)."""
-        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, (10, 300))
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 #: corrected log expression below this is stored as zero, which keeps the corrected layer sparse
@@ -175,15 +159,7 @@ class StyleTransfer:
         self.generator = StyleTransferGenerator.from_module_one(module_one, initial).to(device)
         pool = TrainingPool.build(sp.csr_matrix(target), codes, kin_rows, sp.csr_matrix(reference))
         task = StyleTask(self.generator, pool, cfg.latent_weight, device)
-        adversarial = AdversarialConfig(
-            epochs=cfg.n_epochs(len(pool)),
-            learning_rate=cfg.learning_rate,
-            critic_learning_rate=cfg.learning_rate,
-            n_critic=cfg.n_critic,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gp_weight=cfg.gp_weight,
-        )
+        adversarial = cfg.adversarial(len(pool))
         batch_size = min(cfg.batch_size, len(pool))
 
         self.history = train_adversarial(

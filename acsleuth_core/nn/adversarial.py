@@ -8,8 +8,8 @@ once per epoch and stops cooperatively when cancelled.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Protocol
+from dataclasses import asdict, dataclass
+from typing import Callable, ClassVar, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 
@@ -35,6 +35,50 @@ class AdversarialConfig:
     #: "adam", or "sparse_adam" for a generator whose parameters get sparse gradients
     #: (module II's per-cell mapping rows: only the rows in a mini-batch are updated)
     generator_optimiser: str = "adam"
+
+
+@dataclass(frozen=True)
+class GanTraining:
+    """Training settings every ACsleuth GAN has; each module's config extends it (and may change defaults).
+
+    ``epochs=None`` derives the number of passes from ``target_steps``
+    mini-batches, clipped to the module's ``EPOCH_BOUNDS``;
+    ``critic_learning_rate=None`` uses ``learning_rate`` for the critic too.
+    """
+
+    EPOCH_BOUNDS: ClassVar[tuple[int, int]] = (10, 300)
+
+    epochs: Optional[int] = None
+    target_steps: int = 1000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    critic_learning_rate: Optional[float] = None
+    n_critic: int = 2
+    alpha: float = 1.0
+    beta: float = 0.05
+    gp_weight: float = 10.0
+    seed: int = 0
+    device: str = "auto"
+
+    def n_epochs(self, n_cells: int) -> int:
+        """``epochs`` when given, else about ``target_steps`` mini-batches of ``n_cells`` cells."""
+        return epochs_for_steps(self.epochs, self.target_steps, n_cells, self.batch_size, self.EPOCH_BOUNDS)
+
+    def adversarial(self, n_cells: int, **extra) -> AdversarialConfig:
+        """The shared loop's settings for training on ``n_cells`` cells (``extra``: other loop fields)."""
+        return AdversarialConfig(
+            epochs=self.n_epochs(n_cells),
+            learning_rate=self.learning_rate,
+            critic_learning_rate=self.critic_learning_rate or self.learning_rate,
+            n_critic=self.n_critic,
+            alpha=self.alpha,
+            beta=self.beta,
+            gp_weight=self.gp_weight,
+            **extra,
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
