@@ -66,7 +66,7 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
 follow_job(
     job, running="Training runs in the background: you can switch pages and come back.",
     cancel_label="Cancel training", noun="run",
-    finishing={"predictor": "Scoring the target cells and saving the run…"},
+    finishing={stage: "Scoring the target cells and saving the run…" for stage in ("module I", "predictor")},
 )
 
 run = current_run()

@@ -81,18 +81,29 @@ def test_label_free_call_finds_the_anomalous_type(data, fitted):
     assert f1_score(is_anomaly, result.calls) > 0.8
 
 
-def test_threshold_detail_records_the_route_of_the_call(fitted):
+def test_threshold_detail_records_the_route_of_the_two_view_call(fitted):
     _, result = fitted
     detail = result.threshold.detail
-    assert detail["score"] in {"predictor", "base"}
-    assert detail["warm_start"] in {"mixture", "conformal_bh", "rank"}
-    assert detail["route"] in {"mixture", "conformal_bh"}
-    assert 0.0 <= detail["reference_in_anomalous_group"] <= 1.0
-    if detail["score"] == "predictor":  # the self-check it passed
-        assert detail["route"] == "mixture" or result.calls.any()
+    assert detail["score"] == "residual mean square" and "Fisher" in detail["views"]
+    assert "warm_start" not in detail  # no predictor was trained for the two-view score
+    assert detail["route"] in {"mixture", "conformal_bh", "target_mixture"}
     if detail["route"] == "mixture":
         assert detail["reference_called"] <= thr.MAX_REFERENCE_CALLED
     # the reported share of held-out cells called is that of the final cut
+    assert detail["reference_called"] == pytest.approx(np.mean(result.reference_scores > result.threshold.value))
+
+
+def test_threshold_detail_records_the_route_of_the_papers_score(data, fitted, monkeypatch):
+    _, target, _ = data
+    detector, _ = fitted
+    monkeypatch.setattr(detector, "_similarity", None)  # the residual view alone, as reference_similarity=False
+    result = detector.score(target)
+    detail = result.threshold.detail
+    assert detail["score"] in {"predictor", "base"}
+    assert detail["warm_start"] in {"mixture", "conformal_bh", "rank"}
+    assert 0.0 <= detail["reference_in_anomalous_group"] <= 1.0
+    if detail["score"] == "predictor":  # the self-check it passed
+        assert detail["route"] == "mixture" or result.calls.any()
     assert detail["reference_called"] == pytest.approx(np.mean(result.reference_scores > result.threshold.value))
 
 
@@ -303,7 +314,7 @@ def test_pipeline_returns_a_new_annotated_anndata(demo, demo_run):
     assert {"params", "threshold", "versions"} <= set(adata.uns[keys.UNS])
     assert adata.uns[keys.UNS]["params"]["latent_dim"] == DEMO_CONFIG.latent_dim
     assert adata.uns[keys.UNS]["threshold"]["method"] == "label_free"
-    assert adata.uns[keys.UNS]["threshold"]["detail"]["score"] in {"predictor", "base"}
+    assert adata.uns[keys.UNS]["threshold"]["detail"]["score"] == "residual mean square"
     assert "torch" in adata.uns[keys.UNS]["versions"]
     scores = adata.obs[keys.SCORE].to_numpy()
     assert np.all((scores >= 0) & (scores <= 1))

@@ -185,3 +185,40 @@ def test_fisher_combination_adds_up_evidence():
     assert thr.fisher_combined(np.array([1.0]), np.array([1.0]))[0] == pytest.approx(1.0)
     assert thr.fisher_combined(np.array([0.01]), one)[0] < 0.05  # one strong test carries the call
     assert thr.fisher_combined(np.array([0.01]), np.array([0.01]))[0] < thr.fisher_combined(np.array([0.01]), one)[0]
+
+
+def test_label_free_threshold_falls_back_to_a_target_mixture_when_bh_calls_nothing():
+    """Few held-out cells, four of them outliers beyond every anomaly: the anchored mixture's cut calls
+    them (over MAX_REFERENCE_CALLED), no conformal p-value is small enough for BH, yet the target's
+    scores fall in two clear groups, which the last route calls."""
+    rng = np.random.default_rng(0)
+    reference = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
+    target = np.r_[rng.normal(0.3, 1, 400), rng.normal(8, 0.7, 600)]
+    assert not thr.mixture_is_trusted(thr.fit_anchored_mixture(target, reference), reference)
+    assert not thr.benjamini_hochberg(thr.conformal_pvalues(target, reference)).any()
+    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
+    assert threshold.detail["route"] == "target_mixture"
+    calls = thr.call(thr.expit(target), threshold)
+    assert calls[400:].mean() > 0.98 and calls[:400].mean() < 0.02
+
+
+def test_estimated_fdr_is_near_one_when_the_target_scores_like_the_reference():
+    rng = np.random.default_rng(1)
+    reference, target = rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)
+    assert thr.estimated_fdr(target, reference, 1.0) > 0.8
+    assert thr.estimated_fdr(np.r_[target, np.full(1000, 9.0)], reference, 3.0) < 0.01
+    assert thr.estimated_fdr(target, reference, 99.0) == 1.0  # nothing called
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_target_without_anomalies_is_not_split_by_the_target_mixture(seed):
+    """A shifted, one-group target with outliers among few held-out cells: BH calls nothing, and the
+    target mixture's split of it is rejected by its estimated false discovery rate."""
+    rng = np.random.default_rng(seed)
+    reference = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
+    target = rng.normal(1.0, 1.2, 1000)
+    free = thr.fit_target_mixture(target)
+    assert thr.estimated_fdr(target, reference, free.crossing()) > thr.MAX_TARGET_MIXTURE_FDR
+    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
+    assert threshold.detail["route"] != "target_mixture"
+    assert thr.call(thr.expit(target), threshold).mean() < 0.05
