@@ -413,7 +413,7 @@ def render(command: str, title: str, results: list[dict], code: str) -> str:
             f"Reproduce: `{command}`",
             f"Code: {code}",
             "Mean ± std over seeds. AUROC/AUPRC are threshold-free; F1 and `called` use each method's "
-            "label-free call (anchored mixture on held-out reference cells). Time includes preparation "
+            "label-free call (`threshold.label_free_threshold`, checked on held-out reference cells). Time includes preparation "
             "(not imports); cells/s = target cells / time; CPU s = user + system CPU of the run (all threads); "
             "`load` is the machine's 1-minute load average when the run ended (2 cores: above ~2 other "
             "work competed and wall times are inflated). Peak RSS is the whole child process "
