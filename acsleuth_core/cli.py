@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-memory-bank", action="store_true", help="ablation: decode the latent directly")
     run.add_argument(
         "--residual-only", action="store_true",
-        help="score with module I's residual view alone (the paper's score), without the reference-similarity view",
+        help="the paper's score: module I's MMD predictor on the residuals alone, without the reference-similarity view",
     )
     call = run.add_mutually_exclusive_group()
     call.add_argument("--expected-fraction", type=float, help="call this fraction of target cells anomalous")

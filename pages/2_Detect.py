@@ -43,8 +43,9 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
         memory = left.checkbox("Memory bank", True, disabled=busy, help="Off is the paper's ablation; keep it on for real analyses.")
         similarity = left.checkbox(
             "Reference-similarity view", True, disabled=busy,
-            help="Also score how unlike its most similar reference cells each cell is. Off: module I's "
-            "reconstruction residuals alone (the paper's score), which miss cell types the model rebuilds well.",
+            help="Join module I's reconstruction residuals with how unlike its most similar reference cells each "
+            "cell is. Off: the paper's score, module I's MMD predictor on the residuals alone, which misses cell "
+            "types the model rebuilds well.",
         )
         name = right.text_input("Run name", "detection", disabled=busy)
         if st.button("Train and score", type="primary", disabled=busy):
