@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import keys
+from . import threshold as thr
 from .demo import load_demo
 from .detect import AnomalyDetector, DetectorConfig
 from .errors import ACsleuthError, InputError
@@ -132,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     called = adata.uns[keys.UNS]["calls_per_batch"]
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
+    print(thr.explain(adata.uns[keys.UNS]["threshold"])[0], file=sys.stderr)
     return 0
 
 

@@ -39,7 +39,7 @@ of held-out cells the cut calls.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 from scipy import stats
@@ -264,6 +264,40 @@ def fraction_threshold(scores: np.ndarray, fraction: float) -> Threshold:
 def manual_threshold(value: float) -> Threshold:
     """A user-given cut-off on the score scale."""
     return Threshold(value=float(value), method="manual", detail={})
+
+
+def explain(threshold: Mapping) -> tuple[str, bool]:
+    """How a saved threshold (``Threshold.as_dict()``) was chosen, in a sentence for users, and whether
+    the call deserves their eye (nothing called, or the last-resort route)."""
+    detail = threshold.get("detail", {})
+    if threshold["method"] == "fraction":
+        return f"The top {float(detail['fraction']):.1%} of cells (your expected anomaly fraction).", False
+    if threshold["method"] == "manual":
+        return "Your score threshold.", False
+    n = int(detail.get("n_reference_cells", 0))
+    route = detail.get("route")
+    if route == "mixture":
+        return (
+            f"Label-free: the scores split into a normal group, pinned to {n} reference cells held out of "
+            f"training, and an anomalous group; the cut calls {float(detail['reference_called']):.0%} of the "
+            "held-out cells.", False,
+        )
+    if route == "target_mixture":
+        return (
+            f"Label-free, last resort: the {n} held-out reference cells could not anchor the call (too few, or "
+            "outliers among them), so the target's scores were split into two groups on their own (estimated "
+            f"false discovery rate at most {MAX_TARGET_MIXTURE_FDR:.0%}). Check the histogram; set an expected "
+            "fraction or a threshold if the cut looks wrong.", True,
+        )
+    if float(threshold["value"]) >= 1.0:
+        return (
+            f"Label-free: no cell scored clearly beyond the {n} held-out reference cells, so none is called. "
+            "If you expect anomalies, set an expected fraction or a threshold.", True,
+        )
+    return (
+        f"Label-free: cells scoring beyond the {n} held-out reference cells at a {FDR_LEVEL:.0%} false "
+        "discovery rate (conformal p-values, Benjamini–Hochberg).", False,
+    )
 
 
 def call(scores: np.ndarray, threshold: Threshold) -> np.ndarray:

@@ -1,13 +1,21 @@
 """Anomaly subtype benchmark (module IV): ACsleuth, its ablations, and clustering baselines on its calls.
 
-    python benchmarks/subtypes.py [--seeds 0 1 2] [--methods ...]
+    python benchmarks/subtypes.py [--data demo|cellbench|cellbench-dropseq] [--seeds 0 1 2] [--methods ...]
     python benchmarks/subtypes.py --from-json benchmarks/results/subtypes_demo.json
 
-Data: :func:`acsleuth_core.demo.load_demo` with ``with_progenitors=True``: a
-reference of normal PBMCs and two target samples (``sample_B`` with a
-synthetic gene-wise batch effect); two anomaly types, ``CD19+ B`` and the rare
-``CD34+``. ``obs['is_anomaly']`` and ``obs['cell_type']`` are read for
-evaluation only, except where a baseline is given the true k (below).
+Data (``--data``):
+
+* ``demo`` (default): :func:`acsleuth_core.demo.load_demo` with
+  ``with_progenitors=True``: a reference of normal PBMCs and two target samples
+  (``sample_B`` with a synthetic gene-wise batch effect); two anomaly types,
+  ``CD19+ B`` and the rare ``CD34+``. ``obs['is_anomaly']`` and
+  ``obs['cell_type']`` are the truth.
+* ``cellbench`` / ``cellbench-dropseq``: the detection benchmark's CellBench
+  tasks (``benchmarks/detection.py``): two anomaly types, the lines A549 and
+  H838 absent from the reference; ``cell_line`` is the truth.
+
+The truth is read for evaluation only, except where a baseline is given the
+true k (below).
 
 Every (method, seed) runs in its own spawned process, so its peak RSS
 (``ru_maxrss``, interpreter and libraries included) and its time are its own.
@@ -71,7 +79,12 @@ except ImportError:  # pragma: no cover
     from benchmarks import detection
 
 SCRIPT = "benchmarks/subtypes.py"
-RESULT_NAME = "subtypes_demo"
+DATASETS = ("demo", "cellbench", "cellbench-dropseq")
+TITLES = {
+    "demo": "demo with B cells and CD34+ progenitors anomalous",
+    "cellbench": "CellBench, CEL-seq2 reference, lines A549 and H838 anomalous",
+    "cellbench-dropseq": "CellBench, Drop-seq reference, lines A549 and H838 anomalous",
+}
 N_PCS = 30
 N_NEIGHBOURS = 15
 LEIDEN_RESOLUTION = 1.0
@@ -197,13 +210,26 @@ def subtype_metrics(truth: np.ndarray, calls: np.ndarray, types: np.ndarray, lab
     }
 
 
-def measure(name: str, seed: int) -> dict:
+def load_task(data: str) -> tuple[object, dict, np.ndarray, np.ndarray]:
+    """Reference, targets, and per stacked target cell the truth (anomalous?) and the true type."""
+    if data == "demo":
+        from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
+
+        demo = load_demo(with_progenitors=True)
+        obs = [t.obs for t in demo.targets.values()]
+        truth = np.concatenate([o[TRUTH_KEY].to_numpy(dtype=bool) for o in obs])
+        return demo.reference, demo.targets, truth, np.concatenate([o[LABEL_KEY].astype(str).to_numpy() for o in obs])
+    task = detection.load_task(data)
+    types = np.concatenate([t.obs["cell_line"].astype(str).to_numpy() for t in task.targets.values()])
+    return task.reference, task.targets, task.truth, types
+
+
+def measure(name: str, seed: int, data: str = "demo") -> dict:
     """Run one method for one seed (meant for a fresh process); its metrics and measurements."""
     import time
 
     from acsleuth_core import keys
     from acsleuth_core.correction import CorrectionConfig
-    from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
     from acsleuth_core.detect import DetectorConfig
     from acsleuth_core.errors import InputError
     from acsleuth_core.pipeline import correct_detection_run, detect_anomalies
@@ -211,18 +237,17 @@ def measure(name: str, seed: int) -> dict:
     method = METHODS[name]
     _import_libraries()
     detection._warm_up_leiden()
-    demo = load_demo(with_progenitors=True)
+    reference, targets, truth, types = load_task(data)
     error = None
     with common.Measured() as measured:
         start = time.perf_counter()
-        run = detect_anomalies(demo.reference, demo.targets, config=DetectorConfig(seed=seed, **method.detector))
+        run = detect_anomalies(reference, targets, config=DetectorConfig(seed=seed, **method.detector))
         detected = time.perf_counter()
         if method.correct:
             correct_detection_run(run, CorrectionConfig.seeded(seed))
         corrected = time.perf_counter()
         obs = run.adata.obs
-        truth, calls = obs[TRUTH_KEY].to_numpy(dtype=bool), obs[keys.ANOMALY].to_numpy(dtype=bool)
-        types = obs[LABEL_KEY].astype(str).to_numpy()
+        calls = obs[keys.ANOMALY].to_numpy(dtype=bool)
         true_k = int(np.unique(types[calls & truth]).size)
         try:
             clustering = method.cluster(run, seed, true_k, **method.options)
@@ -348,14 +373,14 @@ def notes(results: list[dict]) -> list[str]:
     return out
 
 
-def render(command: str, results: list[dict], code: str) -> str:
+def render(command: str, results: list[dict], code: str, data: str = "demo") -> str:
     """The full markdown report."""
     ok = [r for r in results if "error" not in r]
     reasons = [f"seed {r['seed']}: {r['k how']}" for r in ok if r["method"] == FULL]
     methods = [{"method": m, "what": METHODS[m].description} for m in dict.fromkeys(r["method"] for r in results)]
     return "\n\n".join(
         [
-            "# Anomaly subtype benchmark (module IV): demo with B cells and CD34+ progenitors anomalous",
+            f"# Anomaly subtype benchmark (module IV): {TITLES[data]}",
             f"Reproduce: `{command}`",
             f"Code: {code}",
             "Mean ± std over seeds (population std). F1 = label-free calls vs truth. NMI and ARI compare subtype "
@@ -385,6 +410,7 @@ def render(command: str, results: list[dict], code: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", choices=DATASETS, default="demo")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument(
         "--from-json", metavar="PATH", help="re-render the report of a saved run (its .json) without running anything"
@@ -398,6 +424,8 @@ def main(argv=None) -> None:
         print(rerender(args.from_json))
         return
     options = {"seeds": args.seeds}
+    if args.data != "demo":
+        options["data"] = args.data
     if list(args.methods) != list(METHODS):
         options["methods"] = args.methods
     command = common.reproduce_command(SCRIPT, options)
@@ -408,16 +436,16 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for method in args.methods:
             common.log(f"{method}, seed {seed} …")
-            results.append(common.run_in_fresh_process(measure, method, seed))
+            results.append(common.run_in_fresh_process(measure, method, seed, args.data))
             # runs done so far, in case the benchmark is stopped before the end
-            common.write_json(f"{RESULT_NAME}.partial.json", {"command": command, "code": code, "results": results})
+            common.write_json(f"subtypes_{args.data}.partial.json", {"command": command, "code": code, "results": results})
     changed = common.changed_since(digests)
     if changed:
         code += f" (CHANGED during the run, results may mix versions: {', '.join(changed)})"
-    report = render(command, results, code)
+    report = render(command, results, code, args.data)
     print(report)
-    common.write_json(f"{RESULT_NAME}.json", {"command": command, "code": code, "results": results})
-    common.log(f"written to {common.write_result(f'{RESULT_NAME}.md', report)}")
+    common.write_json(f"subtypes_{args.data}.json", {"command": command, "code": code, "data": args.data, "results": results})
+    common.log(f"written to {common.write_result(f'subtypes_{args.data}.md', report)}")
 
 
 def rerender(path: str) -> str:
@@ -426,7 +454,7 @@ def rerender(path: str) -> str:
     from pathlib import Path
 
     saved = json.loads(Path(path).read_text())
-    report = render(saved["command"], saved["results"], saved["code"])
+    report = render(saved["command"], saved["results"], saved["code"], saved.get("data", "demo"))
     Path(path).with_suffix(".md").write_text(report)
     return report
 

@@ -9,6 +9,7 @@ from acsleuth_core.pipeline import call_anomalies, calls_per_batch
 from acsleuth_core.plots import loss_curves, score_histogram
 from acsleuth_core.runs import start_detection_run
 from acsleuth_core.runtime import resolve_device
+from acsleuth_core.threshold import explain as explain_threshold
 from pages.ui.frame import (
     current_run,
     frame,
@@ -113,7 +114,12 @@ st.dataframe(
     [{"sample": b, "cells": int(sizes[b]), "called anomalous": n, "share": f"{n / sizes[b]:.1%}"} for b, n in counts.items()],
     hide_index=True,
 )
-st.caption(f"Cells scoring above {threshold['value']:.4g} are called anomalous ({METHOD_LABELS[threshold['method']]}).")
+how, needs_a_look = explain_threshold(threshold)
+note = f"Cells scoring above {threshold['value']:.4g} are called anomalous. {how}"
+if needs_a_look:
+    st.warning(note, icon="⚠️")
+else:
+    st.caption(note)
 with st.expander("Training curves"):
     st.plotly_chart(loss_curves(adata), width="stretch")
 st.page_link("pages/3_Correct.py", label="Next: correct batch effects", icon="➡️")

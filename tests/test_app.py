@@ -8,6 +8,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from acsleuth_core import keys
+from acsleuth_core import threshold as thr
 from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.runs import RunStore
 from pages.ui.frame import demo_data
@@ -82,6 +83,8 @@ def test_training_runs_in_the_background_and_shows_the_histogram():
     assert counts["called anomalous"].sum() == result.obs[keys.ANOMALY].sum()
     assert counts["cells"].sum() == result.n_obs
     assert len(at.get("plotly_chart")) >= 1
+    how_called = " ".join(c.value for c in [*at.caption, *at.warning])
+    assert thr.explain(result.uns[keys.UNS]["threshold"])[0] in how_called
 
 
 def test_threshold_change_updates_the_counts():
@@ -94,6 +97,7 @@ def test_threshold_change_updates_the_counts():
     n_cells = at.dataframe[0].value["cells"].sum()
     assert after == pytest.approx(0.5 * n_cells, abs=2)
     assert after != before
+    assert "(your expected anomaly fraction)" in " ".join(c.value for c in at.caption)
     reopened = page("pages/2_Detect.py")
     reopened.session_state["run_id"] = at.session_state["run_id"]
     reopened.run()

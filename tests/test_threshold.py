@@ -222,3 +222,21 @@ def test_a_target_without_anomalies_is_not_split_by_the_target_mixture(seed):
     threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
     assert threshold.detail["route"] != "target_mixture"
     assert thr.call(thr.expit(target), threshold).mean() < 0.05
+
+
+def test_explain_says_how_each_route_called_and_flags_the_ones_to_check():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 60)
+    separated = thr.label_free_threshold(thr.expit(np.r_[rng.normal(0, 1, 400), rng.normal(8, 0.5, 100)]), thr.expit(reference))
+    text, check = thr.explain(separated.as_dict())
+    assert separated.detail["route"] == "mixture" and "60 reference cells held out" in text and not check
+    nothing = thr.label_free_threshold(thr.expit(rng.normal(0, 1, 500)), thr.expit(reference))
+    text, check = thr.explain(nothing.as_dict())
+    assert nothing.value == 1.0 and "none is called" in text and check
+    outliers = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
+    last = thr.label_free_threshold(thr.expit(np.r_[rng.normal(0.3, 1, 400), rng.normal(8, 0.7, 600)]), thr.expit(outliers))
+    text, check = thr.explain(last.as_dict())
+    assert last.detail["route"] == "target_mixture" and "last resort" in text and check
+    assert thr.explain(thr.fraction_threshold(np.arange(10.0), 0.2).as_dict()) == (
+        "The top 20.0% of cells (your expected anomaly fraction).", False
+    )
