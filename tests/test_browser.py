@@ -118,7 +118,7 @@ def test_demo_trains_shows_scores_corrects_finds_subtypes_exports_and_survives_a
     fraction = page.get_by_role("spinbutton", name="Expected anomaly fraction")
     fraction.fill("0.2")
     page.get_by_role("button", name="Apply threshold").click()
-    page.get_by_text("(expected anomaly fraction)").wait_for(timeout=30_000)
+    page.get_by_text("(your expected anomaly fraction)").wait_for(timeout=30_000)
 
     page.get_by_role("link", name="Next: correct batch effects").click()
     epochs = page.get_by_role("spinbutton", name="Epochs per module (0 = automatic)")
