@@ -48,6 +48,9 @@ def test_demo_loads_and_is_summarised():
     assert list(table["data set"]) == ["reference", "sample_A", "sample_B"]
     assert set(table["values"]) == {"raw counts (will be log-normalised)"}
     assert any("765" in md.value for md in at.markdown)
+    at.run()  # the sidebar is drawn before the page body: the next run shows the loaded data
+    steps = " ".join(md.value for md in at.sidebar.markdown).replace("**", "")
+    assert "Data · done" in steps and "Detect · ready" in steps and "Correct · needs a finished detection run" in steps
 
 
 def test_a_bad_server_path_shows_its_error_in_the_page():

@@ -28,8 +28,8 @@ STEPS = [
     ("Subtypes", "a finished detection run"),
     ("Export", "a finished detection run"),
 ]
-#: steps that can start as soon as detection is done
-AFTER_DETECTION = ("Correct", "Subtypes", "Export")
+#: the step each step can start after
+PREREQUISITE = {"Detect": "Data", "Correct": "Detect", "Subtypes": "Detect", "Export": "Detect"}
 #: steps that run as a stage of a finished run, keyed as in ``run.json``
 STAGES = {"Correct": "correction", "Subtypes": "subtypes"}
 #: how training stages are named to the user
@@ -92,7 +92,7 @@ def frame(step: str) -> None:
                 st.markdown(f"✓ **{name}** · done")
             elif name in STAGES and run is not None and stage_status(run, STAGES[name]) == "running":
                 st.markdown(f"→ **{name}** · running")
-            elif name in AFTER_DETECTION and ready["Detect"]:
+            elif ready.get(PREREQUISITE.get(name)):
                 st.markdown(f"→ **{name}** · ready")
             else:
                 st.markdown(f"{'→' if name == step else '·'} **{name}** · needs {needs}")
