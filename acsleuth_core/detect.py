@@ -207,7 +207,7 @@ class AnomalyDetector:
             dissimilarity = self._similarity.dissimilarity(X)
             holdout_dissimilarity = self._similarity.dissimilarity(self._holdout)
             scores, reference_scores = _two_view_scores(
-                (np.log(_mean_square(features)), np.log(_mean_square(holdout_features))),
+                (_base_score(features), _base_score(holdout_features)),
                 (_log_positive(dissimilarity), _log_positive(holdout_dissimilarity)),
             )
             route = {"score": "residual mean square", "views": "residual + reference similarity (Fisher)"}
@@ -234,8 +234,7 @@ class AnomalyDetector:
     ) -> tuple[np.ndarray, np.ndarray, dict]:
         """Module I's evidence on a logit scale, for targets and held-out cells: the MMD predictor's
         logits, or the standardised residual mean square when the predictor's call fails its check."""
-        base = np.log(_mean_square(features))
-        base_holdout = np.log(_mean_square(holdout_features))
+        base, base_holdout = _base_score(features), _base_score(holdout_features)
         warm, warm_route = _warm_start_targets(base, base_holdout)
         predictor = fit_predictor(
             features, warm, self.config.predictor, generator=generator_rng, progress=progress, cancel=cancel
@@ -433,6 +432,11 @@ def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``(x − median) / MAD`` of ``reference`` (normal-consistent MAD, floored)."""
     scale = max(float(stats.median_abs_deviation(reference, scale="normal")), 1e-6)
     return (np.asarray(x, dtype=np.float64) - float(np.median(reference))) / scale
+
+
+def _base_score(features: np.ndarray) -> np.ndarray:
+    """The base score: the log mean square of each cell's normalised residual features."""
+    return np.log(_mean_square(features))
 
 
 def _mean_square(features: np.ndarray, chunk: int = 4096) -> np.ndarray:
