@@ -22,13 +22,16 @@ so it calls about ``p*`` of the held-out cells at most. With ``n`` held-out
 cells the smallest p-value is ``1/(n + 1)``: rare anomalies can go uncalled by
 this route, it errs on the side of calling too little. Only when BH calls
 nothing is a two-component mixture fitted on the target scores alone
-(:func:`fit_target_mixture`), cut where its upper component's posterior
-reaches 1/2; it is used when the false discovery rate of that call, estimated
-with the held-out cells as the null (:func:`estimated_fdr`), is at most
-``MAX_TARGET_MIXTURE_FDR``. That check rejects a normal subpopulation that
-scores high in reference and target alike, and the split of a target without
-anomalies (estimates near 1; 0.26–0.74 on CellBench and demo targets with
-their anomalies removed); its value, looser than BH's level because this route
+(:func:`fit_target_mixture`); when its upper group is not most of the target,
+the cut is the lowest one, from where that group's posterior reaches 1/2
+upwards, whose call has a false discovery rate, estimated with the held-out
+cells as the null (:func:`estimated_fdr`), of at most
+``MAX_TARGET_MIXTURE_FDR``. The estimate counts held-out cells as a conformal
+p-value does (plus one), so a cut above every held-out cell still has to call
+several times more target cells than the null would put there. That check
+rejects a normal subpopulation that scores high in reference and target alike,
+and the split of a target without anomalies (README: targets with their
+anomalies removed); its value, looser than BH's level because this route
 serves small or outlier-carrying held-out sets whose estimate is coarse, was
 set after seeing the CellBench benchmark (README).
 ``Threshold.detail`` records the ``route`` taken (``"mixture"``,
@@ -145,9 +148,10 @@ def label_free_threshold(target_scores: np.ndarray, reference_scores: np.ndarray
         cut, route = conformal_bh_cut(t, r), "conformal_bh"
     if cut == np.inf:
         free = fit_target_mixture(t)
-        free_cut = free.crossing()
-        if free.anomaly_fraction <= MAX_MIXTURE_FRACTION and estimated_fdr(t, r, free_cut) <= MAX_TARGET_MIXTURE_FDR:
-            mixture, cut, route = free, free_cut, "target_mixture"
+        if free.anomaly_fraction <= MAX_MIXTURE_FRACTION:
+            free_cut = lowest_cut_within_fdr(t, r, start=free.crossing())
+            if free_cut < np.inf:
+                mixture, cut, route = free, free_cut, "target_mixture"
     value = float(expit(cut))  # 1.0 (nothing called) when no route calls anything
     detail = asdict(mixture) | {
         "n_reference_cells": int(np.size(reference_scores)),
@@ -192,14 +196,32 @@ def mixture_is_trusted(mixture: ScoreMixture, reference: np.ndarray) -> bool:
 
 def estimated_fdr(target: np.ndarray, reference: np.ndarray, cut: float) -> float:
     """Storey's estimate of the false discovery rate of calling ``target > cut``, with the held-out
-    ``reference`` scores as the null: ``π̂₀ · (share of reference called) / (share of target called)``,
-    ``π̂₀`` the target's uncalled share over the reference's (at most 1). 1 when nothing is called."""
-    target_called = float(np.mean(np.asarray(target, dtype=np.float64) > cut))
-    if target_called == 0.0:
-        return 1.0
-    reference_called = reference_called_share(reference, cut)
-    pi0 = min(1.0, (1.0 - target_called) / max(1.0 - reference_called, 1e-12))
-    return pi0 * reference_called / target_called
+    ``reference`` scores as the null: ``π̂₀ · (conformal share of reference called) / (share of target
+    called)``. The reference share is ``(1 + #{reference > cut}) / (n + 1)``, as a conformal p-value
+    counts, so a cut above every held-out score is not taken for a perfect one; ``π̂₀`` is the target's
+    uncalled share over the reference's (at most 1). 1 when nothing is called."""
+    return float(_estimated_fdrs(target, reference, np.array([cut], dtype=np.float64))[0])
+
+
+def lowest_cut_within_fdr(target: np.ndarray, reference: np.ndarray, start: float, level: float = MAX_TARGET_MIXTURE_FDR) -> float:
+    """The lowest cut at or above ``start`` (``start`` itself or a target score) whose call's
+    :func:`estimated_fdr` is at most ``level``; ``inf`` when none is."""
+    t = np.asarray(target, dtype=np.float64)
+    cuts = np.unique(np.r_[start, t[t > start]])
+    within = np.nonzero(_estimated_fdrs(t, reference, cuts) <= level)[0]
+    return float(cuts[within[0]]) if within.size else float("inf")
+
+
+def _estimated_fdrs(target: np.ndarray, reference: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    t = np.sort(np.asarray(target, dtype=np.float64))
+    r = np.sort(np.asarray(reference, dtype=np.float64))
+    target_called = (t.size - np.searchsorted(t, cuts, side="right")) / t.size
+    reference_above = r.size - np.searchsorted(r, cuts, side="right")
+    reference_share = (1.0 + reference_above) / (r.size + 1.0)
+    pi0 = np.minimum(1.0, (1.0 - target_called) / np.maximum(1.0 - reference_above / r.size, 1e-12))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fdr = np.minimum(1.0, pi0 * reference_share / target_called)
+    return np.where(target_called > 0, fdr, 1.0)
 
 
 def reference_called_share(reference: np.ndarray, cut: float) -> float:
@@ -285,8 +307,8 @@ def explain(threshold: Mapping) -> tuple[str, bool]:
     if route == "target_mixture":
         return (
             f"Label-free, last resort: the {n} held-out reference cells could not anchor the call (too few, or "
-            "outliers among them), so the target's scores were split into two groups on their own (estimated "
-            f"false discovery rate at most {MAX_TARGET_MIXTURE_FDR:.0%}). Check the histogram; set an expected "
+            "outliers among them), so the target's scores were split into two groups on their own and cut, at or "
+            f"above that split, where the estimated false discovery rate is at most {MAX_TARGET_MIXTURE_FDR:.0%}. Check the histogram; set an expected "
             "fraction or a threshold if the cut looks wrong.", True,
         )
     if float(threshold["value"]) >= 1.0:

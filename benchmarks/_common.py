@@ -175,9 +175,10 @@ def anomaly_metrics(truth: np.ndarray, scores: np.ndarray, calls: np.ndarray) ->
 
     truth = np.asarray(truth, dtype=bool)
     calls = np.asarray(calls, dtype=bool)
+    ranked = 0 < truth.sum() < truth.size  # a ranking needs both classes (not so on a target without anomalies)
     return {
-        "AUROC": float(roc_auc_score(truth, scores)),
-        "AUPRC": float(average_precision_score(truth, scores)),
+        "AUROC": float(roc_auc_score(truth, scores)) if ranked else float("nan"),
+        "AUPRC": float(average_precision_score(truth, scores)) if ranked else float("nan"),
         "F1": float(f1_score(truth, calls, zero_division=0)),
         "called": int(calls.sum()),
     }
@@ -237,6 +238,8 @@ def reproduce_command(script: str, options: Mapping[str, Any]) -> str:
     parts = ["python", script]
     for name, value in options.items():
         parts.append(f"--{name}")
+        if value is True:  # a switch
+            continue
         values = value if isinstance(value, (list, tuple)) else [value]
         parts.extend(str(v) for v in values)
     return shlex.join(parts)

@@ -44,6 +44,10 @@ Data: ``demo`` = :func:`acsleuth_core.demo.load_demo`; ``cellbench`` =
 reference ``sc_celseq2`` (H1975, H2228, HCC827), targets = the three 5-line
 CEL-seq2 plates, anomalies = A549 and H838; ``cellbench-dropseq`` = the same
 with reference ``sc_dropseq`` (another technology than the targets).
+
+``--without-anomalies`` removes the anomalous cells from every target: each
+call is then a false one, which checks that the label-free rule does not split
+a target that has nothing to find (AUROC/AUPRC are undefined and left blank).
 """
 
 from __future__ import annotations
@@ -83,6 +87,16 @@ class Task:
     reference: object  # AnnData
     targets: dict  # name -> AnnData
     truth: np.ndarray
+
+    def without_anomalies(self) -> "Task":
+        """The same reference, each target without its anomalous cells: every call is a false one."""
+        kept, targets, start = [], {}, 0
+        for name, target in self.targets.items():
+            normal = ~self.truth[start : start + target.n_obs]
+            targets[name] = target[normal].copy()
+            kept.append(normal)
+            start += target.n_obs
+        return Task(self.reference, targets, np.zeros(int(np.concatenate(kept).sum()), dtype=bool))
 
 
 def load_task(data: str) -> Task:
@@ -286,13 +300,15 @@ def _import_libraries() -> None:
 
 
 # ---------------------------------------------------------------- measurement
-def measure(method: str, data: str, seed: int, pca_input: str) -> dict:
+def measure(method: str, data: str, seed: int, pca_input: str, without_anomalies: bool = False) -> dict:
     """Run one method on one task and seed (meant for a fresh process); metrics and peak RSS."""
     _import_libraries()
     baseline = BASELINES.get(method)
     if baseline is not None and baseline.warm_up is not None:
         baseline.warm_up()
     task = load_task(data)
+    if without_anomalies:
+        task = task.without_anomalies()
     rss_start, cpu_start = common.current_rss_mib(), common.cpu_seconds()
     if baseline is None:
         out = acsleuth(task, seed, reference_similarity=ACSLEUTH_VARIANTS[method])
@@ -439,6 +455,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--pca-input", choices=PCA_INPUTS, default="zscore", help="what the baselines' PCA is fitted on"
     )
+    parser.add_argument(
+        "--without-anomalies", action="store_true",
+        help="drop the anomalous cells from the targets: a check that the label-free call then calls (almost) nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -451,6 +471,9 @@ def main(argv=None) -> None:
     if args.pca_input != "zscore":
         options["pca-input"] = args.pca_input
         name = f"{args.data}_pca-{args.pca_input}"
+    if args.without_anomalies:
+        options["without-anomalies"] = True
+        name += "_without-anomalies"
     command = common.reproduce_command(SCRIPT, options)
     print(command, flush=True)
     digests = common.package_digests()
@@ -459,7 +482,9 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for method in args.methods:
             common.log(f"[{name}] {method}, seed {seed} …")
-            results.append(common.run_in_fresh_process(measure, method, args.data, seed, args.pca_input))
+            results.append(
+                common.run_in_fresh_process(measure, method, args.data, seed, args.pca_input, args.without_anomalies)
+            )
     changed = common.changed_since(digests)
     if changed:
         code += f" (CHANGED during the run, results may mix versions: {', '.join(changed)})"

@@ -240,3 +240,27 @@ def test_explain_says_how_each_route_called_and_flags_the_ones_to_check():
     assert thr.explain(thr.fraction_threshold(np.arange(10.0), 0.2).as_dict()) == (
         "The top 20.0% of cells (your expected anomaly fraction).", False
     )
+
+
+def test_the_last_route_raises_a_too_low_cut_until_its_estimated_fdr_is_met():
+    """A mixture crossing inside the normal bulk calls too many normal cells; the cut moves up to the
+    lowest one whose estimated FDR is within the level: the anomalies, and a true FDR within the level."""
+    rng = np.random.default_rng(0)
+    reference = np.r_[rng.normal(0, 1, 59), 6.5]  # one held-out outlier among the anomalies' scores
+    target = np.r_[rng.normal(0, 1, 300), rng.normal(6, 0.5, 100)]
+    too_low = 1.0
+    assert thr.estimated_fdr(target, reference, too_low) > thr.MAX_TARGET_MIXTURE_FDR
+    cut = thr.lowest_cut_within_fdr(target, reference, start=too_low)
+    assert thr.estimated_fdr(target, reference, cut) <= thr.MAX_TARGET_MIXTURE_FDR
+    calls = target > cut
+    assert calls[300:].mean() > 0.95 and calls[:300].sum() / calls.sum() <= thr.MAX_TARGET_MIXTURE_FDR
+    assert (target > too_low)[:300].sum() / (target > too_low).sum() > thr.MAX_TARGET_MIXTURE_FDR
+
+
+def test_the_last_route_finds_no_cut_in_a_target_like_the_reference():
+    """Above every held-out cell a few target cells still score by chance; the conformal count (plus one)
+    keeps those from looking like a call with no false discoveries."""
+    rng = np.random.default_rng(3)
+    reference, target = rng.normal(0, 1, 60), rng.normal(0, 1, 2000)
+    assert (target > reference.max()).sum() > 0
+    assert thr.lowest_cut_within_fdr(target, reference, start=0.0) == np.inf
