@@ -264,3 +264,17 @@ def test_the_last_route_finds_no_cut_in_a_target_like_the_reference():
     reference, target = rng.normal(0, 1, 60), rng.normal(0, 1, 2000)
     assert (target > reference.max()).sum() > 0
     assert thr.lowest_cut_within_fdr(target, reference, start=0.0) == np.inf
+
+
+def test_the_mixture_cut_starts_at_the_highest_held_out_score_when_the_gaussian_tail_reaches_further():
+    """Normal scores with a short tail (uniform here, as capped conformal scores pile up) and anomalies
+    around the fitted Gaussian's 97.5th percentile: the floor there would leave over a tenth of them
+    uncalled, while no held-out (normal) cell scores above 2."""
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(-2, 2, 59)
+    target = np.r_[rng.uniform(-2, 2, 300), rng.normal(3.3, 0.2, 100)]
+    mixture = thr.fit_anchored_mixture(target, reference)
+    gaussian_floor = mixture.normal_centre + 1.959964 * mixture.normal_scale
+    assert mixture.found_anomalies and np.mean(target[300:] > gaussian_floor) < 0.9
+    calls = target > mixture.cut()
+    assert calls[300:].mean() > 0.98 and not calls[:300].any()
