@@ -65,6 +65,8 @@ from .similarity import ReferenceSimilarity
 WEIGHTS_FILE = "module1.pt"
 CONFIG_FILE = "detector.json"
 CALIBRATION_FILE = "calibration.npz"
+#: keys of a threshold's ``detail`` that describe the score rather than the cut (kept when a cut is re-drawn)
+SCORE_DETAIL_KEYS = ("score", "views", "warm_start", "reference_in_anomalous_group")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Mapping, Optional
@@ -22,7 +23,7 @@ import pandas as pd
 from . import keys
 from . import threshold as thr
 from .correction import CorrectionConfig, CorrectionResult, annotate_correction, correct_batches
-from .detect import AnomalyDetector, DetectionResult, DetectorConfig
+from .detect import SCORE_DETAIL_KEYS, AnomalyDetector, DetectionResult, DetectorConfig
 from .errors import InputError
 from .model_inputs import ModelInputs
 from .preprocess import PreparedData, prepare
@@ -131,6 +132,8 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
 def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optional[float] = None) -> thr.Threshold:
     """Re-draw ``obs[keys.ANOMALY]`` on an annotated AnnData with another rule; returns the threshold.
 
+    The threshold's description of the score (``detail.score``, ``detail.views``, …) is kept.
+
     ``method``: ``label_free`` (default rule), ``fraction`` (``value`` = expected
     anomaly fraction) or ``manual`` (``value`` = score cut-off).
     """
@@ -145,6 +148,9 @@ def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optiona
         threshold = thr.manual_threshold(_required(value, "a threshold"))
     else:
         raise ValueError(f"method must be one of {', '.join(thr.METHODS)}, not {method!r}")
+    previous = adata.uns[keys.UNS].get("threshold", {}).get("detail", {})
+    score_description = {k: previous[k] for k in SCORE_DETAIL_KEYS if k in previous}
+    threshold = dataclasses.replace(threshold, detail=threshold.detail | score_description)
     adata.obs[keys.ANOMALY] = thr.call(scores, threshold)
     adata.uns[keys.UNS]["threshold"] = _h5ad_safe(threshold.as_dict())
     adata.uns[keys.UNS]["calls_per_batch"] = calls_per_batch(adata)

@@ -366,8 +366,19 @@ def test_call_anomalies_by_fraction_calls_that_share_and_updates_uns(demo_run):
     assert adata.uns[keys.UNS]["threshold"]["method"] == "fraction"
     assert adata.uns[keys.UNS]["threshold"]["value"] == threshold.value
     assert sum(adata.uns[keys.UNS]["calls_per_batch"].values()) == int(called.sum())
-    # the scores themselves are not touched
+    # the scores themselves are not touched, nor what the threshold says about them
     np.testing.assert_array_equal(adata.obs[keys.SCORE], run.adata.obs[keys.SCORE])
+    assert adata.uns[keys.UNS]["threshold"]["detail"]["views"] == run.adata.uns[keys.UNS]["threshold"]["detail"]["views"]
+
+
+def test_redrawing_the_label_free_call_keeps_the_score_description(demo_run):
+    run, _ = demo_run
+    adata = run.adata.copy()
+    call_anomalies(adata, "fraction", 0.2)
+    threshold = call_anomalies(adata, "label_free")
+    assert threshold.value == run.adata.uns[keys.UNS]["threshold"]["value"]
+    assert adata.uns[keys.UNS]["threshold"]["detail"]["score"] == "residual mean square"
+    np.testing.assert_array_equal(adata.obs[keys.ANOMALY], run.adata.obs[keys.ANOMALY])
 
 
 def test_call_anomalies_needs_scores_first(demo):
