@@ -90,7 +90,7 @@ class ScoreMixture:
     anomalous_centre: float
     anomalous_scale: float
     anomaly_fraction: float
-    normal_max: float = float("inf")
+    normal_975: float = float("inf")
 
     def posterior(self, x: np.ndarray) -> np.ndarray:
         """Probability that a score belongs to the anomalous component (0 at or below the normal centre)."""
@@ -110,17 +110,17 @@ class ScoreMixture:
 
     def cut(self) -> float:
         """Where the anomalous posterior first reaches 1/2, never below the normal component's
-        97.5th percentile or, when lower, the highest normal score seen (``normal_max``); the 99.5th
-        percentile when no anomalous component was found.
+        97.5th percentile or, when lower, the observed normal scores' own (``normal_975``); the
+        Gaussian's 99.5th percentile when no anomalous component was found.
 
         The Gaussian is a model of the normal scores; where their observed tail ends earlier
         (normal scores built from conformal p-values pile up below a cap), its 97.5th percentile
-        can lie beyond most anomalies, and the highest held-out score is the better floor.
+        can lie beyond most anomalies, and the observed percentile is the better floor.
         """
         if not self.found_anomalies:
             return self.normal_centre + stats.norm.ppf(0.995) * self.normal_scale
         floor = self.normal_centre + stats.norm.ppf(0.975) * self.normal_scale
-        return self.crossing(start=min(floor, self.normal_max))
+        return self.crossing(start=min(floor, self.normal_975))
 
     def crossing(self, start: Optional[float] = None) -> float:
         """Where the anomalous posterior first reaches 1/2 on the way from ``start`` (default: the
@@ -135,14 +135,14 @@ def fit_anchored_mixture(target: np.ndarray, reference: np.ndarray, *, max_iter:
     """Fit the anomalous component and fraction by EM, the normal one fixed from ``reference``.
 
     The normal location and scale are the reference's median and MAD (robust
-    to the odd outlier among reference cells); its highest score bounds the cut's floor.
+    to the odd outlier among reference cells); its 97.5th percentile bounds the cut's floor.
     """
     t = np.asarray(target, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
     mu0 = float(np.median(r))
     sd0 = max(float(stats.median_abs_deviation(r, scale="normal")), 0.25 * float(np.std(r)), 1e-3)
     pi1, mu1, sd1 = _fit_anomalous_component(t, mu0, sd0, max_iter)
-    return ScoreMixture(mu0, sd0, mu1, sd1, pi1, normal_max=float(r.max()))
+    return ScoreMixture(mu0, sd0, mu1, sd1, pi1, normal_975=float(np.quantile(r, 0.975)))
 
 
 def label_free_threshold(target_scores: np.ndarray, reference_scores: np.ndarray) -> Threshold:

@@ -266,7 +266,7 @@ def test_the_last_route_finds_no_cut_in_a_target_like_the_reference():
     assert thr.lowest_cut_within_fdr(target, reference, start=0.0) == np.inf
 
 
-def test_the_mixture_cut_starts_at_the_highest_held_out_score_when_the_gaussian_tail_reaches_further():
+def test_the_mixture_cut_starts_at_the_held_out_975th_percentile_when_the_gaussian_tail_reaches_further():
     """Normal scores with a short tail (uniform here, as capped conformal scores pile up) and anomalies
     around the fitted Gaussian's 97.5th percentile: the floor there would leave over a tenth of them
     uncalled, while no held-out (normal) cell scores above 2."""
