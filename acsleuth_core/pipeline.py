@@ -9,9 +9,9 @@ AnnData with another threshold rule, without retraining.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
-import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Mapping, Optional

@@ -221,6 +221,7 @@ def lowest_cut_within_fdr(target: np.ndarray, reference: np.ndarray, start: floa
 
 
 def _estimated_fdrs(target: np.ndarray, reference: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """:func:`estimated_fdr` at each of ``cuts`` at once (sorted counts, no loop over cuts)."""
     t = np.sort(np.asarray(target, dtype=np.float64))
     r = np.sort(np.asarray(reference, dtype=np.float64))
     target_called = (t.size - np.searchsorted(t, cuts, side="right")) / t.size
@@ -315,9 +316,10 @@ def explain(threshold: Mapping) -> tuple[str, bool]:
     if route == "target_mixture":
         return (
             f"Label-free, last resort: the {n} held-out reference cells could not anchor the call (too few, or "
-            "outliers among them), so the target's scores were split into two groups on their own and cut, at or "
-            f"above that split, where the estimated false discovery rate is at most {MAX_TARGET_MIXTURE_FDR:.0%}. Check the histogram; set an expected "
-            "fraction or a threshold if the cut looks wrong.", True,
+            "outliers among them), so the target's scores were split into two groups on their own and cut, "
+            f"at or above that split, where the estimated false discovery rate is at most "
+            f"{MAX_TARGET_MIXTURE_FDR:.0%}. Check the histogram; set an expected fraction or a threshold if the "
+            "cut looks wrong.", True,
         )
     if float(threshold["value"]) >= 1.0:
         return (
