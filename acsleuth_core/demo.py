@@ -13,7 +13,11 @@ Construction (fixed seed, so the demo is the same everywhere):
   is multiplied by a factor ``exp(N(0, 0.5²))`` and counts are redrawn from a
   Poisson with that mean (a gene-specific, technology-like shift).
 * ``obs['cell_type']`` keeps the original labels and ``obs['is_anomaly']`` the
-  truth. They are for evaluation only; no method in ACsleuth reads them.
+  truth. ``obs['cell_type_fine']`` is ``cell_type`` with the plasma cells among
+  the B cells named apart: the B cells of the source's own Louvain cluster 8,
+  which express IGJ, MZB1 and TNFRSF17 (BCMA) and have lost MS4A1 and HLA
+  class II (29 of the 95 B cells). All three are for evaluation only; no
+  method in ACsleuth reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import scipy.sparse as sp
 ANOMALY_TYPE = "CD19+ B"
 PROGENITOR_TYPE = "CD34+"
 LABEL_KEY = "cell_type"
+FINE_LABEL_KEY = "cell_type_fine"
+PLASMA_TYPE = "plasma cell"
+#: the source's (``pbmc68k_reduced``) Louvain cluster holding its plasma cells
+PLASMA_LOUVAIN = "8"
 TRUTH_KEY = "is_anomaly"
 BATCH_EFFECT_SAMPLE = "sample_B"
 BATCH_EFFECT_SIGMA = 0.5
@@ -55,9 +63,12 @@ def load_demo(*, with_progenitors: bool = False) -> DemoData:
     source = sc.datasets.pbmc68k_reduced()
     counts = _recover_counts(source)
     labels = source.obs["bulk_labels"].astype(str).to_numpy()
+    fine_labels = np.where(
+        (labels == ANOMALY_TYPE) & (source.obs["louvain"].astype(str).to_numpy() == PLASMA_LOUVAIN), PLASMA_TYPE, labels
+    )
     anomalous_types = {ANOMALY_TYPE} | ({PROGENITOR_TYPE} if with_progenitors else set())
     keep = with_progenitors | (labels != PROGENITOR_TYPE)
-    counts, labels, names = counts[keep], labels[keep], source.obs_names[keep]
+    counts, labels, fine_labels, names = counts[keep], labels[keep], fine_labels[keep], source.obs_names[keep]
     is_anomaly = np.isin(labels, list(anomalous_types))
 
     in_reference = np.zeros(labels.size, dtype=bool)
@@ -69,7 +80,12 @@ def load_demo(*, with_progenitors: bool = False) -> DemoData:
 
     def make(rows: np.ndarray, X: sp.csr_matrix) -> ad.AnnData:
         obs = pd.DataFrame(
-            {LABEL_KEY: pd.Categorical(labels[rows]), TRUTH_KEY: is_anomaly[rows]}, index=names[rows].astype(str)
+            {
+                LABEL_KEY: pd.Categorical(labels[rows]),
+                FINE_LABEL_KEY: pd.Categorical(fine_labels[rows]),
+                TRUTH_KEY: is_anomaly[rows],
+            },
+            index=names[rows].astype(str),
         )
         return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=source.raw.var_names.astype(str)))
 

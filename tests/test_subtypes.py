@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from acsleuth_core import keys
-from acsleuth_core.demo import load_demo
+from acsleuth_core.demo import ANOMALY_TYPE, FINE_LABEL_KEY, LABEL_KEY, PLASMA_TYPE, load_demo
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
@@ -265,3 +265,17 @@ def test_a_one_cell_subtype_gets_no_markers_but_the_others_do():
     markers = subtype_markers(np.log1p(X), labels, np.log1p(X), [f"g{i}" for i in range(10)], n_genes=3)
     for table in markers.values():
         assert set(table.subtype) == {"1", "2"}
+
+
+def test_the_demo_names_its_plasma_cells_apart_only_among_its_b_cells():
+    demo = load_demo(with_progenitors=True)
+    targets = ad.concat(list(demo.targets.values()))
+    coarse, fine = targets.obs[LABEL_KEY].astype(str), targets.obs[FINE_LABEL_KEY].astype(str)
+    plasma = (fine == PLASMA_TYPE).to_numpy()
+    assert plasma.sum() == 29 and (coarse[plasma] == ANOMALY_TYPE).all()
+    assert (fine[~plasma] == coarse[~plasma]).all()
+    other_b = (coarse == ANOMALY_TYPE).to_numpy() & ~plasma
+    counts = targets.to_df()
+    for gene, higher in (("IGJ", True), ("MZB1", True), ("MS4A1", False)):
+        plasma_mean, b_mean = counts.loc[plasma, gene].mean(), counts.loc[other_b, gene].mean()
+        assert (plasma_mean > 3 * b_mean) if higher else (b_mean > 3 * plasma_mean), gene
