@@ -22,6 +22,7 @@ from .io import read_cells
 from .correction import CorrectionConfig
 from .pipeline import call_anomalies, correct_detection_run, detect_anomalies, subtype_detection_run
 from .progress import ProgressEvent
+from .resemblance import describe_resemblance
 from .runtime import DEVICES
 from .subtypes import SubtypeConfig
 
@@ -147,6 +148,9 @@ def _subtype(run, args: argparse.Namespace) -> None:
         print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
         return
     print(f"{result.subtypes.k_chosen} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
+    resemblance = describe_resemblance(result.resemblance)
+    if resemblance:
+        print(resemblance, file=sys.stderr)
 
 
 def _n_subtypes(text: str) -> int | str:

@@ -2,7 +2,8 @@
 
 ``subtype_anomalies`` takes the cells called anomalous, embeds their log
 expression and module I's residuals of it as tokens (:mod:`subtypes`),
-clusters them and finds marker genes (:mod:`markers`).
+clusters them, finds marker genes (:mod:`markers`) and checks which subtypes
+look like reference cells, i.e. normal cells past the threshold (:mod:`resemblance`).
 
 When a correction exists (and ``use_correction``), the expression is
 batch-adjusted in gene space with the kin pairs of module II: each batch is
@@ -35,6 +36,7 @@ from .layout import CELL, umap_2d
 from .markers import subtype_markers
 from .model_inputs import ModelInputs
 from .progress import CancelToken, ProgressCallback
+from .resemblance import reference_resemblance
 from .subtypes import SubtypeConfig, Subtypes, check_enough_anomalies, find_subtypes, principal_tokens
 
 
@@ -49,6 +51,7 @@ class SubtypeResult:
     anomalous: np.ndarray
     subtypes: Subtypes
     markers: dict[str, pd.DataFrame]
+    resemblance: pd.DataFrame
     used_correction: bool
     config: SubtypeConfig
 
@@ -76,8 +79,10 @@ def subtype_anomalies(
         expression = batch_adjusted(measured, adata.obs[keys.BATCH].astype(str).to_numpy()[anomalous], kin_batch_shifts(adata, inputs))
     tokens, residual_tokens = _tokens(expression, detector, config)
     subtypes = find_subtypes(tokens, residual_tokens, config, progress=progress, cancel=cancel)
-    markers = subtype_markers(measured, _names(subtypes.labels), inputs.reference.X, inputs.genes, n_marker_genes)
-    return SubtypeResult(anomalous, subtypes, markers, used_correction, config)
+    names = _names(subtypes.labels)
+    markers = subtype_markers(measured, names, inputs.reference.X, inputs.genes, n_marker_genes)
+    resemblance = reference_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
+    return SubtypeResult(anomalous, subtypes, markers, resemblance, used_correction, config)
 
 
 def anomaly_expression(inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
@@ -152,6 +157,7 @@ def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:
         "label_changes": np.asarray(subtypes.label_changes, dtype=np.float64),
         "markers_vs_anomalies": result.markers["vs_anomalies"],
         "markers_vs_reference": result.markers["vs_reference"],
+        "reference_resemblance": result.resemblance,
         "threshold": float(adata.uns[keys.UNS]["threshold"]["value"]),
     }
 

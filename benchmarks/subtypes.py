@@ -100,11 +100,13 @@ BASELINE_NAMES = ("kmeans", "leiden")
 # ------------------------------------------------------------------ clusterings
 @dataclass
 class Clustering:
-    """Labels of the called cells (in target order), their number, and how it was set."""
+    """Labels of the called cells (in target order), their number, how it was set, and (ACsleuth) how
+    many subtypes do not resemble the reference (``acsleuth_core.resemblance``)."""
 
     labels: np.ndarray
     k: int
     how: str
+    k_not_reference_like: float = float("nan")
 
 
 def acsleuth_subtypes(
@@ -119,7 +121,8 @@ def acsleuth_subtypes(
     result = subtype_detection_run(run, config, use_correction=use_correction)
     called = run.adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
     labels = run.adata.obs[keys.SUBTYPE].astype(str).to_numpy()[called]
-    return Clustering(labels, result.subtypes.k_chosen, result.subtypes.k_reason)
+    flagged = int(result.resemblance["resembles_reference"].sum())
+    return Clustering(labels, result.subtypes.k_chosen, result.subtypes.k_reason, result.subtypes.k_chosen - flagged)
 
 
 def called_cells_pca(run, seed: int) -> np.ndarray:
@@ -281,7 +284,13 @@ def measure(name: str, seed: int, data: str = "demo") -> dict:
         "NMI fine": subtype_metrics(truth, calls, fine_types, clustering.labels)["NMI"],
         "fine k": int(np.unique(fine_types[calls & truth]).size),
     }
-    extra = {"F1×NMI": out["F1"] * metrics["NMI"], "k": clustering.k, "true k": true_k, "k how": clustering.how}
+    extra = {
+        "F1×NMI": out["F1"] * metrics["NMI"],
+        "k": clustering.k,
+        "k not ref-like": clustering.k_not_reference_like,
+        "true k": true_k,
+        "k how": clustering.how,
+    }
     return out | metrics | fine | extra
 
 
@@ -293,6 +302,7 @@ SUMMARY_COLUMNS = {  # column -> decimals
     "F1×NMI": 3,
     "NMI fine": 3,
     "k": 1,
+    "k not ref-like": 1,
     "true k": 1,
     "fine k": 1,
     "called": 1,
@@ -307,8 +317,8 @@ SUMMARY_COLUMNS = {  # column -> decimals
 COLUMN_TITLES = {"F1": "F1 (label-free)", "seconds": "time s", "load": "load (1 min)"}
 
 
-def _k_matches(runs: list[dict], truth: str = "true k") -> str:
-    return f"{sum(r['k'] == r.get(truth) for r in runs)}/{len(runs)}"
+def _k_matches(runs: list[dict], truth: str = "true k", found: str = "k") -> str:
+    return f"{sum(r.get(found) == r.get(truth) for r in runs)}/{len(runs)}"
 
 
 def summary_rows(results: list[dict]) -> list[dict]:
@@ -319,6 +329,9 @@ def summary_rows(results: list[dict]) -> list[dict]:
         row = {COLUMN_TITLES.get(c, c): v for c, v in row.items()}
         row["k = true k"] = _k_matches(runs)
         row["k = fine k"] = _k_matches(runs, "fine k")
+        row["k not ref-like = true k / fine k"] = f"{_k_matches(runs, 'true k', 'k not ref-like')} / " + _k_matches(
+            runs, "fine k", "k not ref-like"
+        )
         rows.append(row)
     return rows
 
@@ -343,6 +356,7 @@ def per_seed_rows(results: list[dict]) -> list[dict]:
                 "F1×NMI": f"{r['F1×NMI']:.3f}",
                 "NMI fine": f"{r.get('NMI fine', float('nan')):.3f}",
                 "k (true k, fine k)": f"{r['k']} ({r['true k']}, {r.get('fine k', '?')})",
+                "k not ref-like": f"{r.get('k not ref-like', float('nan')):.0f}",
                 "time s": f"{r['seconds']:.1f}",
                 "peak RSS MiB": f"{r['peak RSS MiB']:.0f}",
             }
@@ -375,6 +389,8 @@ def acceptance_lines(results: list[dict]) -> list[str]:
         f"{verdict(f1_nmi >= F1_NMI_TARGET)}  mean F1×NMI ≥ {F1_NMI_TARGET}: {f1_nmi:.3f}",
         f"{verdict(ahead)}  ahead of both baselines on mean NMI and F1×NMI ({versus or 'no baseline run'})",
         f"{verdict(matches > len(full) / 2)}  automatic k = true k in most seeds: {matches}/{len(full)}",
+        f"INFO  subtypes not resembling the reference = true k: {_k_matches(full, 'true k', 'k not ref-like')}; "
+        f"= fine k: {_k_matches(full, 'fine k', 'k not ref-like')} (not the issue's reading of k)",
     ]
 
 
@@ -405,7 +421,9 @@ def render(command: str, results: list[dict], code: str, data: str = "demo") -> 
             "found (leiden); true k = anomaly types among the called cells. `NMI fine` and `fine k` use the fine "
             "types instead: on the demo its plasma cells (29 of the 95 B cells, the source's own Louvain cluster 8) "
             "count as a type of their own, as the subtypes find them; on CellBench the fine types are the lines. "
-            "Acceptance reads the issue's coarse types. Baselines cluster the full ACsleuth "
+            "Acceptance reads the issue's coarse types and the k chosen. `k not ref-like` (ACsleuth rows) counts "
+            "the subtypes that do not resemble the reference (`uns['acsleuth']['subtypes']['reference_resemblance']`"
+            ": false positives gathered into subtypes of their own are flagged). Baselines cluster the full ACsleuth "
             "detection's calls. Every row is its own process and its time is its whole pipeline (detection + "
             "correction where used + clustering; not imports); CPU s = user + system CPU (all threads); `load` = "
             "the machine's 1-minute load average when the run ended (2 cores, shared: above ~2 other work "

@@ -8,6 +8,7 @@ from acsleuth_core import keys
 from acsleuth_core.export import cell_table, provenance, table_bytes
 from acsleuth_core.markers import marker_dots
 from acsleuth_core.plots import colourable_columns
+from acsleuth_core.resemblance import describe_resemblance
 from acsleuth_core.runs import start_subtype_run
 from acsleuth_core.subtype_plots import marker_dot_plot, selected_cells, subtype_map, subtype_sizes
 from acsleuth_core.subtypes import SubtypeConfig
@@ -98,6 +99,18 @@ st.caption(
     f"{'on batch-adjusted expression' if saved['params']['used_correction'] else 'on uncorrected expression'}"
     f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {saved['n_epochs']} training passes."
 )
+resemblance = saved.get("reference_resemblance")
+if isinstance(resemblance, pd.DataFrame):
+    message = describe_resemblance(resemblance)
+    if message:
+        st.warning(message, icon="⚠️")
+    with st.expander("How much each subtype resembles the reference"):
+        st.dataframe(resemblance, hide_index=True)
+        st.caption(
+            "reference_neighbours: mean share of reference cells among a subtype's cells' nearest neighbours (PCA "
+            "of reference and anomalous cells together); chance: the reference's share of all those cells; "
+            "mixing: their ratio. A type missing from the reference mixes little with it."
+        )
 
 rows = adata.obs[keys.SUBTYPE].notna().to_numpy()
 expression = anomaly_expression(inputs, rows)  # measured: what markers are tested on

@@ -260,7 +260,9 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     assert any("Correct batches first" in info.value for info in at.info), "uncorrected samples: suggest correcting"
     charts = at.get("plotly_chart")
     assert len(charts) == 4, "map, sizes per sample, marker dot plot vs anomalies and vs reference"
-    markers = at.dataframe[0].value
+    resemblance, markers = at.dataframe[0].value, at.dataframe[1].value
+    assert list(resemblance.subtype) == ["1", "2"] and "mixing" in resemblance.columns
+    assert "How much each subtype resembles the reference" in [e.label for e in at.expander]
     assert list(markers.columns) == ["subtype", "gene", "score", "logfoldchange", "pval_adj"]
     assert set(markers["subtype"]) == {"1", "2"}
 

@@ -14,6 +14,7 @@ from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
+from acsleuth_core.resemblance import describe_resemblance, reference_resemblance, resembling_subtypes
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
 
@@ -223,6 +224,23 @@ def test_the_papers_encoder_can_embed_the_tokens(subtyped):
     assert result.subtypes.k_chosen == 2 and result.subtypes.fused.shape == (int(result.anomalous.sum()), 32)
 
 
+def test_a_subtype_of_reference_like_cells_is_flagged_and_a_missing_type_is_not():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3.0, size=(3, 40))  # two reference types and one type missing from the reference
+    reference = np.repeat(centres[:2], 150, axis=0) + rng.normal(size=(300, 40))
+    new_type = centres[2] + rng.normal(size=(60, 40))
+    normal_past_threshold = centres[0] + rng.normal(size=(12, 40))
+    table = reference_resemblance(np.vstack([new_type, normal_past_threshold]), reference, np.array(["1"] * 60 + ["2"] * 12))
+    assert list(table.subtype) == ["1", "2"] and list(table.cells) == [60, 12]
+    assert table.chance.iloc[0] == pytest.approx(300 / 371)
+    new, normal = table.mixing
+    assert new < 0.1 and normal > 0.8
+    assert resembling_subtypes(table) == ["2"]
+    message = describe_resemblance(table)
+    assert "Subtype 2 (12 cells) resembles the reference" in message
+    assert describe_resemblance(table[table.subtype == "1"]) is None
+
+
 def test_subtype_summary_and_markers_are_recorded(subtyped):
     run, _, _ = subtyped
     saved = run.adata.uns[keys.UNS][keys.SUBTYPES]
@@ -245,6 +263,8 @@ def test_subtypes_reach_the_table_the_h5ad_and_the_layout(subtyped, tmp_path):
     back = ad.read_h5ad(write_h5ad(run.adata, tmp_path / "out.h5ad"))
     assert back.obs[keys.SUBTYPE].equals(run.adata.obs[keys.SUBTYPE])
     assert isinstance(back.uns[keys.UNS][keys.SUBTYPES]["markers_vs_reference"], pd.DataFrame)
+    resemblance = back.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
+    assert list(resemblance.subtype) == ["1", "2", "3"] and resemblance.cells.sum() == len(table.dropna(subset=[keys.SUBTYPE]))
     layout = subtype_layout(run.adata)
     assert len(layout) == int(run.adata.obs[keys.ANOMALY].sum())
     assert np.isfinite(layout[list(UMAP)].to_numpy()).all()

@@ -1,0 +1,100 @@
+"""Which anomaly subtypes look like reference cells: a check on the call, per subtype.
+
+A label-free threshold lets some normal cells through. They are few and of
+several types, so module IV tends to gather them into small subtypes of their
+own. Such a subtype is told apart by where its cells sit among the reference
+cells: in a PCA of reference and anomalous cells together, a cell of a type
+missing from the reference has few reference cells among its nearest
+neighbours, while a normal cell past the threshold has about as many as the
+reference's share of all cells would give by chance.
+
+Per subtype, ``mixing`` is the mean share of reference cells among its cells'
+``n_neighbors`` nearest neighbours divided by that chance share; a subtype
+with ``mixing ≥ RESEMBLANCE_LEVEL`` is flagged as resembling the reference.
+The flag is advice for the user, not a change to the calls: an anomaly that is
+a changed state of a normal type, not a new type, can mix with its type's
+reference cells too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .neighbours import nearest
+
+#: a subtype whose cells have at least this share of the chance rate of reference neighbours resembles the reference
+RESEMBLANCE_LEVEL = 0.5
+#: reference cells drawn (at random, seeded) into the shared PCA: bounds its cost on large references
+MAX_REFERENCE_CELLS = 5000
+#: principal components of the shared PCA
+N_COMPONENTS = 30
+#: columns of the per-subtype table
+COLUMNS = ("subtype", "cells", "reference_neighbours", "chance", "mixing", "resembles_reference")
+
+
+def reference_resemblance(
+    anomalies: sp.spmatrix | np.ndarray,
+    reference: sp.spmatrix | np.ndarray,
+    subtypes: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per subtype: cells, mean share of reference cells among their neighbours, the chance share,
+    their ratio (``mixing``) and whether it reaches :data:`RESEMBLANCE_LEVEL`.
+
+    ``anomalies`` and ``reference`` are log expression on the same genes (rows:
+    cells); ``subtypes`` names each anomalous cell's subtype.
+    """
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(seed)
+    if reference.shape[0] > MAX_REFERENCE_CELLS:
+        reference = reference[np.sort(rng.choice(reference.shape[0], MAX_REFERENCE_CELLS, replace=False))]
+    cells = np.vstack([_dense(reference), _dense(anomalies)])
+    is_reference = np.arange(cells.shape[0]) < reference.shape[0]
+    n_components = min(N_COMPONENTS, cells.shape[0] - 1, cells.shape[1])
+    embedded = PCA(n_components, random_state=seed).fit_transform(cells)
+    neighbours, _ = nearest(embedded, embedded, n_neighbors, seed=seed, exclude_self=True)
+    share = is_reference[neighbours[~is_reference]].mean(axis=1)
+    chance = reference.shape[0] / (cells.shape[0] - 1)
+    table = (
+        pd.DataFrame({"subtype": np.asarray(subtypes).astype(str), "share": share})
+        .groupby("subtype", sort=False)
+        .agg(cells=("share", "size"), reference_neighbours=("share", "mean"))
+        .reset_index()
+    )
+    table["chance"] = chance
+    table["mixing"] = table["reference_neighbours"] / chance
+    table["resembles_reference"] = table["mixing"] >= RESEMBLANCE_LEVEL
+    order = np.argsort(pd.to_numeric(table["subtype"], errors="coerce").fillna(np.inf).to_numpy(), kind="stable")
+    return table.iloc[order].reset_index(drop=True)[list(COLUMNS)]
+
+
+def resembling_subtypes(table: pd.DataFrame) -> list[str]:
+    """Names of the subtypes flagged as resembling the reference."""
+    return table.loc[table["resembles_reference"].astype(bool), "subtype"].astype(str).tolist()
+
+
+def _dense(values: sp.spmatrix | np.ndarray) -> np.ndarray:
+    return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
+
+
+def describe_resemblance(table: pd.DataFrame) -> str | None:
+    """A sentence naming the subtypes that resemble the reference (None when none does)."""
+    flagged = table[table["resembles_reference"].astype(bool)]
+    if flagged.empty:
+        return None
+    names = ", ".join(flagged["subtype"].astype(str))
+    mixing = ", ".join(f"{m:.2f}" for m in flagged["mixing"])
+    plural = len(flagged) > 1
+    return (
+        f"Subtype{'s' if plural else ''} {names} ({int(flagged['cells'].sum()):,} cells) "
+        f"{'resemble' if plural else 'resembles'} the reference: {'their' if plural else 'its'} cells have "
+        f"{mixing} times the chance share of reference cells among their nearest neighbours, where a cell type "
+        f"missing from the reference has few (threshold {RESEMBLANCE_LEVEL}). "
+        f"{'They are' if plural else 'It is'} probably normal cells past the anomaly threshold; check the markers "
+        f"vs the reference before reading {'them' if plural else 'it'} as anomalies."
+    )
