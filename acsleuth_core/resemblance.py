@@ -69,8 +69,8 @@ def reference_resemblance(
     table["chance"] = chance
     table["mixing"] = table["reference_neighbours"] / chance
     table["resembles_reference"] = table["mixing"] >= RESEMBLANCE_LEVEL
-    order = np.argsort(pd.to_numeric(table["subtype"], errors="coerce").fillna(np.inf).to_numpy(), kind="stable")
-    return table.iloc[order].reset_index(drop=True)[list(COLUMNS)]
+    table = table.sort_values("subtype", key=lambda names: pd.to_numeric(names, errors="coerce"), kind="stable")
+    return table.reset_index(drop=True)[list(COLUMNS)]
 
 
 def resembling_subtypes(table: pd.DataFrame) -> list[str]:
