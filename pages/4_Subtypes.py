@@ -94,10 +94,11 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
         "find subtypes again.", icon="ℹ️",
     )
 st.subheader(f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells")
+passes = f"{saved['n_epochs']} training pass{'' if saved['n_epochs'] == 1 else 'es'}"
 st.caption(
     f"{saved['k_reason']}. Clustering "
     f"{'on batch-adjusted expression' if saved['params']['used_correction'] else 'on uncorrected expression'}"
-    f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {saved['n_epochs']} training passes."
+    f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {passes}."
 )
 resemblance = saved.get("reference_resemblance")
 if isinstance(resemblance, pd.DataFrame):
@@ -105,7 +106,7 @@ if isinstance(resemblance, pd.DataFrame):
     if message:
         st.warning(message, icon="⚠️")
     with st.expander("How much each subtype resembles the reference"):
-        st.dataframe(resemblance, hide_index=True)
+        st.dataframe(resemblance.round(3), hide_index=True)
         st.caption(
             "reference_neighbours: mean share of reference cells among a subtype's cells' nearest neighbours (PCA "
             "of reference and anomalous cells together); chance: the reference's share of all those cells; "
