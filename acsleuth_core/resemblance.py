@@ -8,6 +8,10 @@ missing from the reference has few reference cells among its nearest
 neighbours, while a normal cell past the threshold has about as many as the
 reference's share of all cells would give by chance.
 
+The PCA is fitted on a uniform sample of reference and anomalous cells: a
+fit on every reference cell but only some anomalies would spread the fitted
+cells more than the others on the noise axes and bias the neighbours by kind.
+
 Per subtype, ``mixing`` is the mean share of reference cells among its cells'
 ``n_neighbors`` nearest neighbours divided by that chance share; a subtype
 with ``mixing ≥ RESEMBLANCE_LEVEL`` is flagged as resembling the reference.
@@ -26,8 +30,12 @@ from .neighbours import nearest
 
 #: a subtype whose cells have at least this share of the chance rate of reference neighbours resembles the reference
 RESEMBLANCE_LEVEL = 0.5
-#: reference cells drawn (at random, seeded) into the shared PCA: bounds its cost on large references
+#: reference cells drawn (at random, seeded) as neighbour candidates: bounds the cost on large references
 MAX_REFERENCE_CELLS = 5000
+#: cells the shared PCA is fitted on (a uniform sample of reference candidates and anomalies)
+MAX_FIT_CELLS = 10000
+#: rows made dense at a time when projecting cells on the principal axes
+CHUNK_ROWS = 4096
 #: principal components of the shared PCA
 N_COMPONENTS = 30
 #: columns of the per-subtype table
@@ -51,15 +59,19 @@ def reference_resemblance(
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(seed)
-    if reference.shape[0] > MAX_REFERENCE_CELLS:
-        reference = reference[np.sort(rng.choice(reference.shape[0], MAX_REFERENCE_CELLS, replace=False))]
-    cells = np.vstack([_dense(reference), _dense(anomalies)])
-    is_reference = np.arange(cells.shape[0]) < reference.shape[0]
-    n_components = min(N_COMPONENTS, cells.shape[0] - 1, cells.shape[1])
-    embedded = PCA(n_components, random_state=seed).fit_transform(cells)
+    reference = _sample_rows(reference, MAX_REFERENCE_CELLS, rng)
+    n_reference, n_cells = reference.shape[0], reference.shape[0] + anomalies.shape[0]
+    # the PCA is fitted on a uniform sample of all cells, so both kinds are in it in the same proportion
+    fitted = np.sort(rng.choice(n_cells, min(n_cells, MAX_FIT_CELLS), replace=False))
+    in_reference = fitted < n_reference
+    fit_rows = np.vstack([_dense(reference[fitted[in_reference]]), _dense(anomalies[fitted[~in_reference] - n_reference])])
+    n_components = min(N_COMPONENTS, fit_rows.shape[0] - 1, fit_rows.shape[1])
+    pca = PCA(n_components, random_state=seed).fit(fit_rows)
+    embedded = np.vstack([_embedded(pca, reference), _embedded(pca, anomalies)])
+    is_reference = np.arange(n_cells) < n_reference
     neighbours, _ = nearest(embedded, embedded, n_neighbors, seed=seed, exclude_self=True)
     share = is_reference[neighbours[~is_reference]].mean(axis=1)
-    chance = reference.shape[0] / (cells.shape[0] - 1)
+    chance = n_reference / (n_cells - 1)
     table = (
         pd.DataFrame({"subtype": np.asarray(subtypes).astype(str), "share": share})
         .groupby("subtype", sort=False)
@@ -76,6 +88,19 @@ def reference_resemblance(
 def resembling_subtypes(table: pd.DataFrame) -> list[str]:
     """Names of the subtypes flagged as resembling the reference."""
     return table.loc[table["resembles_reference"].astype(bool), "subtype"].astype(str).tolist()
+
+
+def _sample_rows(values: sp.spmatrix | np.ndarray, limit: int, rng: np.random.Generator) -> sp.spmatrix | np.ndarray:
+    """At most ``limit`` rows, drawn without replacement and kept in order."""
+    if values.shape[0] <= limit:
+        return values
+    return values[np.sort(rng.choice(values.shape[0], limit, replace=False))]
+
+
+def _embedded(pca, values: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """``values`` on the principal axes, a bounded block of rows at a time."""
+    blocks = [pca.transform(_dense(values[start : start + CHUNK_ROWS])) for start in range(0, values.shape[0], CHUNK_ROWS)]
+    return np.vstack(blocks).astype(np.float32)
 
 
 def _dense(values: sp.spmatrix | np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
+from acsleuth_core import resemblance
 from acsleuth_core.resemblance import describe_resemblance, reference_resemblance, resembling_subtypes
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
@@ -299,3 +300,19 @@ def test_the_demo_names_its_plasma_cells_apart_only_among_its_b_cells():
     for gene, higher in (("IGJ", True), ("MZB1", True), ("MS4A1", False)):
         plasma_mean, b_mean = counts.loc[plasma, gene].mean(), counts.loc[other_b, gene].mean()
         assert (plasma_mean > 3 * b_mean) if higher else (b_mean > 3 * plasma_mean), gene
+
+
+def test_sampled_reference_and_pca_fit_do_not_bias_the_resemblance(monkeypatch):
+    """With more cells than the PCA is fitted on, reference-like anomalies still mix with the reference as chance would."""
+    monkeypatch.setattr(resemblance, "MAX_REFERENCE_CELLS", 400)
+    monkeypatch.setattr(resemblance, "MAX_FIT_CELLS", 300)
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=2.0, size=(3, 100))
+    reference = centres[rng.integers(0, 2, 1500)] + rng.normal(size=(1500, 100))
+    types = rng.integers(0, 3, 900)  # types 0 and 1 are in the reference, type 2 is not
+    table = reference_resemblance(centres[types] + rng.normal(size=(900, 100)), reference, types.astype(str))
+    assert table.chance.iloc[0] == pytest.approx(400 / 1299)
+    like_reference, missing = table.mixing.iloc[:2], table.mixing.iloc[2]
+    assert like_reference.between(0.8, 1.4).all(), like_reference.tolist()
+    assert missing < 0.05
+    assert resembling_subtypes(table) == ["0", "1"]
