@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 import numpy as np
 import pandas as pd
@@ -15,12 +15,16 @@ from .plots import REFERENCE_COLOUR, batch_colours, blank_axes, category_colours
 from .subtyping import UMAP
 
 
-def subtype_map(layout: pd.DataFrame, values: Optional[pd.Series] = None, *, title: str = "subtype") -> go.Figure:
+def subtype_map(
+    layout: pd.DataFrame, values: Optional[pd.Series] = None, *, title: str = "subtype", like_reference: Collection[str] = ()
+) -> go.Figure:
     """UMAP of the anomalous cells (:func:`subtyping.subtype_layout`), coloured by subtype or by ``values``.
 
     ``values`` (one per layout row) are drawn as categories, or as a colour
-    scale when they are floats (missing values in grey). Every point carries
-    its cell name as ``customdata``, so a box or lasso selection names cells.
+    scale when they are floats (missing values in grey). Categories named in
+    ``like_reference`` (subtypes that resemble the reference) say so in the
+    legend. Every point carries its cell name as ``customdata``, so a box or
+    lasso selection names cells.
     """
     fig = go.Figure()
     values = layout[keys.SUBTYPE] if values is None else pd.Series(np.asarray(values), index=layout.index)
@@ -41,7 +45,8 @@ def subtype_map(layout: pd.DataFrame, values: Optional[pd.Series] = None, *, tit
         colours = category_colours(values, reference_first=False)
         for category in categories:
             group = layout[values == category]
-            fig.add_trace(_points(group, f"{category} (n={len(group):,})", colours[category]))
+            note = ", like reference" if category in like_reference else ""
+            fig.add_trace(_points(group, f"{category} (n={len(group):,}{note})", colours[category]))
     fig.update_layout(**embedding_layout(height=520), dragmode="lasso", legend_title=dict(text=f"{title}:", side="left"))
     blank_axes(fig)
     return fig

@@ -8,7 +8,7 @@ from acsleuth_core import keys
 from acsleuth_core.export import cell_table, provenance, table_bytes
 from acsleuth_core.markers import marker_dots
 from acsleuth_core.plots import colourable_columns
-from acsleuth_core.resemblance import describe_resemblance
+from acsleuth_core.resemblance import describe_resemblance, resembling_subtypes
 from acsleuth_core.runs import start_subtype_run
 from acsleuth_core.subtype_plots import marker_dot_plot, selected_cells, subtype_map, subtype_sizes
 from acsleuth_core.subtypes import SubtypeConfig
@@ -93,14 +93,18 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
         "rather than a biology (check the sizes per sample below). Correct batches first (Correct step), then "
         "find subtypes again.", icon="ℹ️",
     )
-st.subheader(f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells")
+resemblance = saved.get("reference_resemblance")  # absent from runs saved before the check existed
+like_reference = resembling_subtypes(resemblance) if isinstance(resemblance, pd.DataFrame) else []
+st.subheader(
+    f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells"
+    + (f" ({len(like_reference)} like the reference)" if like_reference else "")
+)
 passes = f"{saved['n_epochs']} training pass{'' if saved['n_epochs'] == 1 else 'es'}"
 st.caption(
     f"{saved['k_reason']}. Clustering "
     f"{'on batch-adjusted expression' if saved['params']['used_correction'] else 'on uncorrected expression'}"
     f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {passes}."
 )
-resemblance = saved.get("reference_resemblance")
 if isinstance(resemblance, pd.DataFrame):
     message = describe_resemblance(resemblance)
     if message:
@@ -131,7 +135,8 @@ elif colour_mode == "a gene":
     column = expression[:, inputs.genes.index(title)]
     values = np.asarray(column.todense()).ravel().astype(float)
 event = st.plotly_chart(
-    subtype_map(layout, values, title=title), key="subtype_map", on_select="rerun", selection_mode=("box", "lasso"),
+    subtype_map(layout, values, title=title, like_reference=like_reference if values is None else ()),
+    key="subtype_map", on_select="rerun", selection_mode=("box", "lasso"),
 )
 st.caption(
     "UMAP of the fused embedding of the anomalous cells. Draw a box or a lasso around cells (toolbar, top right) "

@@ -181,6 +181,8 @@ def test_subtype_map_has_one_trace_per_subtype_in_natural_order_and_names_every_
     assert [t.name for t in fig.data] == ["1 (n=2)", "2 (n=1)", "10 (n=2)"]
     assert sorted(c for t in fig.data for c in t.customdata) == ["c1", "c2", "c3", "c4", "c5"]
     assert fig.layout.dragmode == "lasso"
+    flagged = subtype_plots.subtype_map(subtype_layout_table(), like_reference=["10"])
+    assert [t.name for t in flagged.data] == ["1 (n=2)", "2 (n=1)", "10 (n=2, like reference)"]
 
 
 def test_subtype_map_draws_gene_values_as_a_colour_scale_with_missing_in_grey():
