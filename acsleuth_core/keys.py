@@ -36,6 +36,8 @@ CORRECTION = "correction"
 SUBTYPE = "acsleuth_subtype"
 #: ``obs``: the subtype's soft-assignment probability (largest ``q``), 0–1; missing for cells called normal.
 SUBTYPE_CONFIDENCE = "acsleuth_subtype_confidence"
+#: ``obs``: True where the cell's subtype resembles the reference (likely normal cells past the threshold); missing for cells called normal.
+SUBTYPE_LIKE_REFERENCE = "acsleuth_subtype_like_reference"
 #: ``obsm``: fused embedding ``z*`` of module IV; NaN rows for cells called normal.
 FUSED = "X_acsleuth_fused"
 #: ``uns[UNS]`` entry: subtype parameters, chosen k and why, cluster sizes, marker genes.
@@ -44,5 +46,5 @@ SUBTYPES = "subtypes"
 #: what each stage after detection writes, by AnnData slot (``uns`` entries live under ``uns[UNS]``)
 STAGE_KEYS = {
     CORRECTION: {"obs": (KIN, KIN_CONFIDENCE), "obsm": (CORRECTED_LATENT,), "var": (MODEL_GENE,), "layers": (CORRECTED,), "uns": (CORRECTION,)},
-    SUBTYPES: {"obs": (SUBTYPE, SUBTYPE_CONFIDENCE), "obsm": (FUSED,), "uns": (SUBTYPES,)},
+    SUBTYPES: {"obs": (SUBTYPE, SUBTYPE_CONFIDENCE, SUBTYPE_LIKE_REFERENCE), "obsm": (FUSED,), "uns": (SUBTYPES,)},
 }

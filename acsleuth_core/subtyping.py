@@ -36,7 +36,7 @@ from .layout import CELL, umap_2d
 from .markers import subtype_markers
 from .model_inputs import ModelInputs
 from .progress import CancelToken, ProgressCallback
-from .resemblance import reference_resemblance
+from .resemblance import reference_resemblance, resembling_subtypes
 from .subtypes import SubtypeConfig, Subtypes, check_enough_anomalies, find_subtypes, principal_tokens
 
 
@@ -145,6 +145,9 @@ def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:
     confidence = np.full(adata.n_obs, np.nan, dtype=np.float32)
     confidence[anomalous] = subtypes.confidence
     adata.obs[keys.SUBTYPE_CONFIDENCE] = confidence
+    like_reference = pd.array(np.full(adata.n_obs, None), dtype="boolean")
+    like_reference[anomalous] = np.isin(names[anomalous], resembling_subtypes(result.resemblance))
+    adata.obs[keys.SUBTYPE_LIKE_REFERENCE] = like_reference
     fused = np.full((adata.n_obs, subtypes.fused.shape[1]), np.nan, dtype=np.float32)
     fused[anomalous] = subtypes.fused
     adata.obsm[keys.FUSED] = fused

@@ -99,6 +99,7 @@ def test_a_stage_saves_only_its_own_keys_so_a_threshold_changed_meanwhile_is_kep
     finished = _result(0.5)  # what a subtype job loaded and annotated
     finished.obs[keys.SUBTYPE] = pd.Categorical(["1", "2", None, None])
     finished.obs[keys.SUBTYPE_CONFIDENCE] = [0.9, 0.8, np.nan, np.nan]
+    finished.obs[keys.SUBTYPE_LIKE_REFERENCE] = pd.array([False, True, None, None], dtype="boolean")
     finished.obsm[keys.FUSED] = np.ones((4, 3), dtype=np.float32)
     finished.uns[keys.UNS][keys.SUBTYPES] = {"k_chosen": 2, "threshold": 0.5}
     store.save_result(run, _result(0.2))  # the user picked another threshold while the job ran
@@ -108,6 +109,7 @@ def test_a_stage_saves_only_its_own_keys_so_a_threshold_changed_meanwhile_is_kep
     assert saved.uns[keys.UNS]["threshold"]["value"] == 0.2
     assert saved.obs[keys.ANOMALY].tolist() == [True, True, False, True]
     assert saved.obs[keys.SUBTYPE].tolist()[:2] == ["1", "2"]
+    assert saved.obs[keys.SUBTYPE_LIKE_REFERENCE].tolist()[:2] == [False, True]
     assert saved.uns[keys.UNS][keys.SUBTYPES]["k_chosen"] == 2
     assert np.array_equal(saved.obsm[keys.FUSED], finished.obsm[keys.FUSED])
     assert store.get(run.id).info["subtypes"]["status"] == "done"

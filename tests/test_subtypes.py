@@ -213,6 +213,10 @@ def test_only_anomalies_get_a_subtype(subtyped):
     assert obs[keys.SUBTYPE][anomalous].notna().all() and obs[keys.SUBTYPE][~anomalous].isna().all()
     assert obs[keys.SUBTYPE_CONFIDENCE][anomalous].between(1 / 3, 1).all()
     assert obs[keys.SUBTYPE_CONFIDENCE][~anomalous].isna().all()
+    like_reference = obs[keys.SUBTYPE_LIKE_REFERENCE]
+    assert like_reference[~anomalous].isna().all() and like_reference[anomalous].notna().all()
+    flagged = resembling_subtypes(result.resemblance)
+    assert (like_reference[anomalous] == obs[keys.SUBTYPE][anomalous].isin(flagged)).all()
     fused = run.adata.obsm[keys.FUSED]
     assert np.isfinite(fused[anomalous]).all() and np.isnan(fused[~anomalous]).all()
     assert not result.used_correction  # the run was not corrected
@@ -260,9 +264,10 @@ def test_subtyping_changes_nothing_but_its_own_keys(subtyped):
 def test_subtypes_reach_the_table_the_h5ad_and_the_layout(subtyped, tmp_path):
     run, _, _ = subtyped
     table = cell_table(run.adata)
-    assert {keys.SUBTYPE, keys.SUBTYPE_CONFIDENCE} <= set(table.columns)
+    assert {keys.SUBTYPE, keys.SUBTYPE_CONFIDENCE, keys.SUBTYPE_LIKE_REFERENCE} <= set(table.columns)
     back = ad.read_h5ad(write_h5ad(run.adata, tmp_path / "out.h5ad"))
     assert back.obs[keys.SUBTYPE].equals(run.adata.obs[keys.SUBTYPE])
+    assert back.obs[keys.SUBTYPE_LIKE_REFERENCE].equals(run.adata.obs[keys.SUBTYPE_LIKE_REFERENCE])
     assert isinstance(back.uns[keys.UNS][keys.SUBTYPES]["markers_vs_reference"], pd.DataFrame)
     resemblance = back.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
     assert list(resemblance.subtype) == ["1", "2", "3"] and resemblance.cells.sum() == len(table.dropna(subset=[keys.SUBTYPE]))
