@@ -13,8 +13,12 @@ fit on every reference cell but only some anomalies would spread the fitted
 cells more than the others on the noise axes and bias the neighbours by kind.
 
 Per subtype, ``mixing`` is the mean share of reference cells among its cells'
-``n_neighbors`` nearest neighbours divided by that chance share; a subtype
-with ``mixing ≥ RESEMBLANCE_LEVEL`` is flagged as resembling the reference.
+nearest neighbours divided by that chance share; a subtype with ``mixing ≥
+RESEMBLANCE_LEVEL`` is flagged as resembling the reference. A subtype's cells
+are judged on at most (its size − 1) neighbours, so that a small subtype of
+a new type, whose cells are nearest to each other, is not pushed among
+reference cells by a neighbour count larger than itself; subtypes of fewer
+than ``MIN_CELLS`` cells are not judged (``mixing`` missing, not flagged).
 The flag is advice for the user, not a change to the calls: an anomaly that is
 a changed state of a normal type, not a new type, can mix with its type's
 reference cells too.
@@ -32,14 +36,18 @@ from .neighbours import nearest
 RESEMBLANCE_LEVEL = 0.5
 #: reference cells drawn (at random, seeded) as neighbour candidates: bounds the cost on large references
 MAX_REFERENCE_CELLS = 5000
-#: cells the shared PCA is fitted on (a uniform sample of reference candidates and anomalies)
+#: cells the shared PCA is fitted on (a uniform sample of reference candidates and anomalies) ...
 MAX_FIT_CELLS = 10000
+#: ... and at most this many values (cells × genes) in that dense sample, so many genes mean fewer cells
+MAX_FIT_VALUES = 50_000_000
+#: subtypes with fewer cells are not judged
+MIN_CELLS = 3
 #: rows made dense at a time when projecting cells on the principal axes
 CHUNK_ROWS = 4096
 #: principal components of the shared PCA
 N_COMPONENTS = 30
 #: columns of the per-subtype table
-COLUMNS = ("subtype", "cells", "reference_neighbours", "chance", "mixing", "resembles_reference")
+COLUMNS = ("subtype", "cells", "neighbours", "reference_neighbours", "chance", "mixing", "resembles_reference")
 
 
 def reference_resemblance(
@@ -50,37 +58,36 @@ def reference_resemblance(
     n_neighbors: int = 15,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Per subtype: cells, mean share of reference cells among their neighbours, the chance share,
-    their ratio (``mixing``) and whether it reaches :data:`RESEMBLANCE_LEVEL`.
+    """Per subtype: cells, neighbours judged per cell, mean share of reference cells among them, the
+    chance share, their ratio (``mixing``) and whether it reaches :data:`RESEMBLANCE_LEVEL`.
 
     ``anomalies`` and ``reference`` are log expression on the same genes (rows:
     cells); ``subtypes`` names each anomalous cell's subtype.
     """
-    from sklearn.decomposition import PCA
-
+    subtypes = np.asarray(subtypes).astype(str)
     rng = np.random.default_rng(seed)
     reference = _sample_rows(reference, MAX_REFERENCE_CELLS, rng)
     n_reference, n_cells = reference.shape[0], reference.shape[0] + anomalies.shape[0]
-    # the PCA is fitted on a uniform sample of all cells, so both kinds are in it in the same proportion
-    fitted = np.sort(rng.choice(n_cells, min(n_cells, MAX_FIT_CELLS), replace=False))
-    in_reference = fitted < n_reference
-    fit_rows = np.vstack([_dense(reference[fitted[in_reference]]), _dense(anomalies[fitted[~in_reference] - n_reference])])
-    n_components = min(N_COMPONENTS, fit_rows.shape[0] - 1, fit_rows.shape[1])
-    pca = PCA(n_components, random_state=seed).fit(fit_rows)
-    embedded = np.vstack([_embedded(pca, reference), _embedded(pca, anomalies)])
+    embedded = _shared_pca(reference, anomalies, rng, seed)
     is_reference = np.arange(n_cells) < n_reference
     neighbours, _ = nearest(embedded, embedded, n_neighbors, seed=seed, exclude_self=True)
-    share = is_reference[neighbours[~is_reference]].mean(axis=1)
+    reference_counts = np.cumsum(is_reference[neighbours[~is_reference]], axis=1)  # among the first j + 1
+    names, sizes = np.unique(subtypes, return_counts=True)
+    judged = dict(zip(names, np.minimum(reference_counts.shape[1], sizes - 1)))
+    k = np.array([judged[name] for name in subtypes])
+    share = np.full(subtypes.size, np.nan)
+    ok = k >= max(MIN_CELLS - 1, 1)
+    share[ok] = reference_counts[ok, k[ok] - 1] / k[ok]
     chance = n_reference / (n_cells - 1)
     table = (
-        pd.DataFrame({"subtype": np.asarray(subtypes).astype(str), "share": share})
+        pd.DataFrame({"subtype": subtypes, "neighbours": np.where(ok, k, 0), "share": share})
         .groupby("subtype", sort=False)
-        .agg(cells=("share", "size"), reference_neighbours=("share", "mean"))
+        .agg(cells=("share", "size"), neighbours=("neighbours", "first"), reference_neighbours=("share", "mean"))
         .reset_index()
     )
     table["chance"] = chance
     table["mixing"] = table["reference_neighbours"] / chance
-    table["resembles_reference"] = table["mixing"] >= RESEMBLANCE_LEVEL
+    table["resembles_reference"] = (table["mixing"] >= RESEMBLANCE_LEVEL).to_numpy(dtype=bool)
     table = table.sort_values("subtype", key=lambda names: pd.to_numeric(names, errors="coerce"), kind="stable")
     return table.reset_index(drop=True)[list(COLUMNS)]
 
@@ -88,23 +95,6 @@ def reference_resemblance(
 def resembling_subtypes(table: pd.DataFrame) -> list[str]:
     """Names of the subtypes flagged as resembling the reference."""
     return table.loc[table["resembles_reference"].astype(bool), "subtype"].astype(str).tolist()
-
-
-def _sample_rows(values: sp.spmatrix | np.ndarray, limit: int, rng: np.random.Generator) -> sp.spmatrix | np.ndarray:
-    """At most ``limit`` rows, drawn without replacement and kept in order."""
-    if values.shape[0] <= limit:
-        return values
-    return values[np.sort(rng.choice(values.shape[0], limit, replace=False))]
-
-
-def _embedded(pca, values: sp.spmatrix | np.ndarray) -> np.ndarray:
-    """``values`` on the principal axes, a bounded block of rows at a time."""
-    blocks = [pca.transform(_dense(values[start : start + CHUNK_ROWS])) for start in range(0, values.shape[0], CHUNK_ROWS)]
-    return np.vstack(blocks).astype(np.float32)
-
-
-def _dense(values: sp.spmatrix | np.ndarray) -> np.ndarray:
-    return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
 
 
 def describe_resemblance(table: pd.DataFrame) -> str | None:
@@ -123,3 +113,37 @@ def describe_resemblance(table: pd.DataFrame) -> str | None:
         f"{'They are' if plural else 'It is'} probably normal cells past the anomaly threshold; check the markers "
         f"vs the reference before reading {'them' if plural else 'it'} as anomalies."
     )
+
+
+def _shared_pca(
+    reference: sp.spmatrix | np.ndarray, anomalies: sp.spmatrix | np.ndarray, rng: np.random.Generator, seed: int
+) -> np.ndarray:
+    """Reference then anomalous cells on the principal axes of a uniform sample of both."""
+    from sklearn.decomposition import PCA
+
+    n_reference, n_cells = reference.shape[0], reference.shape[0] + anomalies.shape[0]
+    n_fit = max(2, min(n_cells, MAX_FIT_CELLS, MAX_FIT_VALUES // max(reference.shape[1], 1)))
+    fitted = np.sort(rng.choice(n_cells, n_fit, replace=False))
+    in_reference = fitted < n_reference
+    fit_rows = np.vstack([_dense(reference[fitted[in_reference]]), _dense(anomalies[fitted[~in_reference] - n_reference])])
+    n_components = min(N_COMPONENTS, fit_rows.shape[0] - 1, fit_rows.shape[1])
+    pca = PCA(n_components, random_state=seed).fit(fit_rows)
+    return np.vstack([_embedded(pca, reference), _embedded(pca, anomalies)])
+
+
+def _sample_rows(values: sp.spmatrix | np.ndarray, limit: int, rng: np.random.Generator) -> sp.spmatrix | np.ndarray:
+    """At most ``limit`` rows, drawn without replacement and kept in order."""
+    if values.shape[0] <= limit:
+        return values
+    return values[np.sort(rng.choice(values.shape[0], limit, replace=False))]
+
+
+def _embedded(pca, values: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """``values`` on the principal axes, a bounded block of rows at a time."""
+    blocks = [pca.transform(_dense(values[start : start + CHUNK_ROWS])) for start in range(0, values.shape[0], CHUNK_ROWS)]
+    return np.vstack(blocks).astype(np.float32)
+
+
+def _dense(values: sp.spmatrix | np.ndarray) -> np.ndarray:
+    return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
+

@@ -81,6 +81,7 @@ def subtype_anomalies(
     subtypes = find_subtypes(tokens, residual_tokens, config, progress=progress, cancel=cancel)
     names = _names(subtypes.labels)
     markers = subtype_markers(measured, names, inputs.reference.X, inputs.genes, n_marker_genes)
+    # the same neighbour count as the Leiden graph of the automatic k
     resemblance = reference_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
     return SubtypeResult(anomalous, subtypes, markers, resemblance, used_correction, config)
 
@@ -136,7 +137,8 @@ def _tokens(expression: sp.spmatrix | np.ndarray, detector: AnomalyDetector, con
 
 
 def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:
-    """Write subtypes, confidences, the fused embedding and markers into ``adata``."""
+    """Write subtypes, confidences, which cells' subtypes resemble the reference, the fused embedding,
+    markers and the resemblance table into ``adata``."""
     subtypes, anomalous = result.subtypes, result.anomalous
     names = np.full(adata.n_obs, None, dtype=object)
     names[anomalous] = _names(subtypes.labels)

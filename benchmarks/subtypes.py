@@ -121,8 +121,8 @@ def acsleuth_subtypes(
     result = subtype_detection_run(run, config, use_correction=use_correction)
     called = run.adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
     labels = run.adata.obs[keys.SUBTYPE].astype(str).to_numpy()[called]
-    flagged = int(result.resemblance["resembles_reference"].sum())
-    return Clustering(labels, result.subtypes.k_chosen, result.subtypes.k_reason, result.subtypes.k_chosen - flagged)
+    not_reference_like = int((~result.resemblance["resembles_reference"].astype(bool)).sum())
+    return Clustering(labels, result.subtypes.k_chosen, result.subtypes.k_reason, not_reference_like)
 
 
 def called_cells_pca(run, seed: int) -> np.ndarray:
@@ -318,7 +318,11 @@ COLUMN_TITLES = {"F1": "F1 (label-free)", "seconds": "time s", "load": "load (1 
 
 
 def _k_matches(runs: list[dict], truth: str = "true k", found: str = "k") -> str:
-    return f"{sum(r.get(found) == r.get(truth) for r in runs)}/{len(runs)}"
+    """How many runs found ``truth``'s k, as "n/runs"; "–" when no run reports both."""
+    pairs = [(r.get(found), r.get(truth)) for r in runs]
+    if not any(f is not None and t is not None and f == f for f, t in pairs):  # f == f: not NaN
+        return "–"
+    return f"{sum(f == t for f, t in pairs if f is not None and t is not None)}/{len(runs)}"
 
 
 def summary_rows(results: list[dict]) -> list[dict]:
@@ -329,9 +333,8 @@ def summary_rows(results: list[dict]) -> list[dict]:
         row = {COLUMN_TITLES.get(c, c): v for c, v in row.items()}
         row["k = true k"] = _k_matches(runs)
         row["k = fine k"] = _k_matches(runs, "fine k")
-        row["k not ref-like = true k / fine k"] = f"{_k_matches(runs, 'true k', 'k not ref-like')} / " + _k_matches(
-            runs, "fine k", "k not ref-like"
-        )
+        matches = [_k_matches(runs, truth, "k not ref-like") for truth in ("true k", "fine k")]
+        row["k not ref-like = true k / fine k"] = "–" if matches == ["–", "–"] else " / ".join(matches)
         rows.append(row)
     return rows
 

@@ -4,17 +4,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from acsleuth_core import keys
+from acsleuth_core import keys, resemblance
 from acsleuth_core.demo import ANOMALY_TYPE, FINE_LABEL_KEY, LABEL_KEY, PLASMA_TYPE, load_demo
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
-from acsleuth_core import resemblance
 from acsleuth_core.resemblance import describe_resemblance, reference_resemblance, resembling_subtypes
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
@@ -246,6 +246,21 @@ def test_a_subtype_of_reference_like_cells_is_flagged_and_a_missing_type_is_not(
     assert describe_resemblance(table[table.subtype == "1"]) is None
 
 
+def test_a_small_subtype_of_a_missing_type_is_not_flagged_and_a_tiny_one_is_not_judged():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=3.0, size=(4, 40))
+    reference = sp.csr_matrix(np.repeat(centres[:2], 1000, axis=0) + rng.normal(size=(2000, 40)))
+    new_small = centres[2] + rng.normal(size=(5, 40))  # fewer cells than the 15 neighbours asked for
+    new_tiny = centres[3] + rng.normal(size=(2, 40))
+    like_reference = centres[1] + rng.normal(size=(6, 40))
+    anomalies = sp.csr_matrix(np.vstack([new_small, new_tiny, like_reference]))
+    table = reference_resemblance(anomalies, reference, np.array(["1"] * 5 + ["2"] * 2 + ["3"] * 6))
+    small, tiny, normal = table.itertuples(index=False)
+    assert small.neighbours == 4 and small.mixing < 0.1 and not small.resembles_reference
+    assert tiny.neighbours == 0 and np.isnan(tiny.mixing) and not tiny.resembles_reference
+    assert normal.neighbours == 5 and normal.resembles_reference
+
+
 def test_subtype_summary_and_markers_are_recorded(subtyped):
     run, _, _ = subtyped
     saved = run.adata.uns[keys.UNS][keys.SUBTYPES]
@@ -269,8 +284,9 @@ def test_subtypes_reach_the_table_the_h5ad_and_the_layout(subtyped, tmp_path):
     assert back.obs[keys.SUBTYPE].equals(run.adata.obs[keys.SUBTYPE])
     assert back.obs[keys.SUBTYPE_LIKE_REFERENCE].equals(run.adata.obs[keys.SUBTYPE_LIKE_REFERENCE])
     assert isinstance(back.uns[keys.UNS][keys.SUBTYPES]["markers_vs_reference"], pd.DataFrame)
-    resemblance = back.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
-    assert list(resemblance.subtype) == ["1", "2", "3"] and resemblance.cells.sum() == len(table.dropna(subset=[keys.SUBTYPE]))
+    saved_resemblance = back.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
+    assert list(saved_resemblance.subtype) == ["1", "2", "3"]
+    assert saved_resemblance.cells.sum() == len(table.dropna(subset=[keys.SUBTYPE]))
     layout = subtype_layout(run.adata)
     assert len(layout) == int(run.adata.obs[keys.ANOMALY].sum())
     assert np.isfinite(layout[list(UMAP)].to_numpy()).all()
