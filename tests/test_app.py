@@ -281,6 +281,19 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     again = _find_subtypes(run_id, k=3)
     assert any(h.value.startswith("3 subtypes of") for h in again.subheader)
 
+    # a run saved before the resemblance check existed still opens
+    store = RunStore()
+    older = store.get(run_id).load_result()
+    del older.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
+    del older.obs[keys.SUBTYPE_LIKE_REFERENCE]
+    store.save_result(store.get(run_id), older)
+    reopened = page("pages/4_Subtypes.py")
+    reopened.session_state["run_id"] = run_id
+    reopened.run()
+    assert not reopened.exception
+    assert any(h.value == f"3 subtypes of {int(older.obs[keys.ANOMALY].sum())} anomalous cells" for h in reopened.subheader)
+    assert "How much each subtype resembles the reference" not in [e.label for e in reopened.expander]
+
 
 def test_the_demo_with_two_anomaly_types_keeps_the_progenitors():
     at = page("pages/1_Data.py").run()

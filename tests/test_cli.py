@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from acsleuth_core import keys
+from acsleuth_core import keys, resemblance
 from acsleuth_core.cli import main
 
 QUICK = ["--epochs", "15", "--seed", "3", "--correction-epochs", "5"]
@@ -108,7 +108,8 @@ def test_expected_fraction_overrides_the_label_free_call(demo_run, demo_files, t
     assert "silhouette" in adata.uns[keys.UNS][keys.SUBTYPES]["k_reason"]
 
 
-def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_path, capsys):
+def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resemblance, "RESEMBLANCE_LEVEL", 0.0)  # every subtype counts as like the reference
     _, _, model = demo_run
     common = [
         "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
@@ -117,6 +118,7 @@ def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_p
     assert main([*common, "--out", str(tmp_path / "k2.h5ad"), "--n-subtypes", "2", "--table", str(tmp_path / "k2.csv")]) == 0
     two = ad.read_h5ad(tmp_path / "k2.h5ad")
     assert list(two.obs[keys.SUBTYPE].cat.categories) == ["1", "2"]
+    assert "Subtypes 1, 2 (" in capsys.readouterr().err and two.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() > 0
     assert pd.read_csv(tmp_path / "k2.csv")[keys.SUBTYPE].dropna().isin([1, 2]).all()
     assert main([*common, "--out", str(tmp_path / "none.h5ad"), "--n-subtypes", "0"]) == 0
     assert keys.SUBTYPE not in ad.read_h5ad(tmp_path / "none.h5ad").obs
