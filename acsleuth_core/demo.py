@@ -23,11 +23,14 @@ Construction (fixed seed, so the demo is the same everywhere):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from .errors import InputError
 
 ANOMALY_TYPE = "CD19+ B"
 PROGENITOR_TYPE = "CD34+"
@@ -55,8 +58,13 @@ class DemoData:
         return sorted(labels.loc[labels[TRUTH_KEY], LABEL_KEY].unique())
 
 
-def load_demo(*, with_progenitors: bool = False) -> DemoData:
-    """Build the demo data sets (about 700 PBMCs, 765 genes, raw counts)."""
+def load_demo(*, with_progenitors: bool = False, anomalies: Optional[Sequence[str]] = None) -> DemoData:
+    """Build the demo data sets (about 700 PBMCs, 765 genes, raw counts).
+
+    ``anomalies`` names fine cell types (``cell_type_fine``) to make anomalous
+    instead of the B cells (and progenitors), e.g. ``[PLASMA_TYPE]``: the plasma
+    cells, with the other B cells normal and half of them in the reference.
+    """
     import scanpy as sc
 
     rng = np.random.default_rng(DEMO_SEED)
@@ -69,11 +77,17 @@ def load_demo(*, with_progenitors: bool = False) -> DemoData:
     anomalous_types = {ANOMALY_TYPE} | ({PROGENITOR_TYPE} if with_progenitors else set())
     keep = with_progenitors | (labels != PROGENITOR_TYPE)
     counts, labels, fine_labels, names = counts[keep], labels[keep], fine_labels[keep], source.obs_names[keep]
-    is_anomaly = np.isin(labels, list(anomalous_types))
+    if anomalies is None:
+        is_anomaly = np.isin(labels, list(anomalous_types))
+    else:
+        unknown = sorted(set(anomalies) - set(fine_labels))
+        if unknown:
+            raise InputError(f"The demo has no cell type {', '.join(unknown)}; its types are {', '.join(sorted(set(fine_labels)))}.")
+        is_anomaly = np.isin(fine_labels, list(anomalies))
 
     in_reference = np.zeros(labels.size, dtype=bool)
     for cell_type in np.unique(labels[~is_anomaly]):
-        rows = np.nonzero(labels == cell_type)[0]
+        rows = np.nonzero((labels == cell_type) & ~is_anomaly)[0]
         in_reference[rng.permutation(rows)[: rows.size // 2]] = True
     target_rows = np.nonzero(~in_reference)[0]
     in_sample_b = rng.random(target_rows.size) < 0.5

@@ -40,7 +40,10 @@ Baselines:
   runs before the timer, so numba's one-off compilation of scanpy's neighbour
   graph (about 5 s per process) is not counted.
 
-Data: ``demo`` = :func:`acsleuth_core.demo.load_demo`; ``cellbench`` =
+Data: ``demo`` = :func:`acsleuth_core.demo.load_demo`; ``demo-plasma`` = the
+same PBMCs with only the plasma cells anomalous (29 of 360 target cells, next
+to normal B cells, half of which are in the reference): a rare anomaly beside
+a related reference type; ``cellbench`` =
 reference ``sc_celseq2`` (H1975, H2228, HCC827), targets = the three 5-line
 CEL-seq2 plates, anomalies = A549 and H838; ``cellbench-dropseq`` = the same
 with reference ``sc_dropseq`` (another technology than the targets).
@@ -67,7 +70,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import _common as common
 
 SCRIPT = "benchmarks/detection.py"
-DATASETS = ("demo", "cellbench", "cellbench-dropseq")
+DATASETS = ("demo", "demo-plasma", "cellbench", "cellbench-dropseq")
 CELLBENCH_PATH = Path("/work/shared/data/cellbench_5sets.h5ad")
 CELLBENCH_REFERENCE = {"cellbench": "sc_celseq2", "cellbench-dropseq": "sc_dropseq"}
 CELLBENCH_PLATES = ("sc_celseq2_5cl_p1", "sc_celseq2_5cl_p2", "sc_celseq2_5cl_p3")
@@ -101,15 +104,19 @@ def load_task(data: str) -> Task:
     """The reference, target samples and truth of benchmark ``data``."""
     if data == "demo":
         return _demo_task()
+    if data == "demo-plasma":
+        from acsleuth_core.demo import PLASMA_TYPE
+
+        return _demo_task(anomalies=[PLASMA_TYPE])
     if data in CELLBENCH_REFERENCE:
         return _cellbench_task(CELLBENCH_REFERENCE[data])
     raise ValueError(f"--data must be one of {', '.join(DATASETS)}, not {data!r}")
 
 
-def _demo_task() -> Task:
+def _demo_task(anomalies=None) -> Task:
     from acsleuth_core.demo import TRUTH_KEY, load_demo
 
-    demo = load_demo()
+    demo = load_demo(anomalies=anomalies)
     truth = np.concatenate([t.obs[TRUTH_KEY].to_numpy(dtype=bool) for t in demo.targets.values()])
     return Task(demo.reference, demo.targets, truth)
 

@@ -337,3 +337,14 @@ def test_sampled_reference_and_pca_fit_do_not_bias_the_resemblance(monkeypatch):
     assert like_reference.between(0.8, 1.4).all(), like_reference.tolist()
     assert missing < 0.05
     assert resembling_subtypes(table) == ["0", "1"]
+
+
+def test_the_demo_can_make_another_fine_type_anomalous():
+    demo = load_demo(anomalies=[PLASMA_TYPE])
+    targets = ad.concat(list(demo.targets.values()))
+    anomalous = targets.obs["is_anomaly"].to_numpy(bool)
+    assert set(targets.obs[FINE_LABEL_KEY][anomalous]) == {PLASMA_TYPE} and anomalous.sum() == 29
+    assert PLASMA_TYPE not in set(demo.reference.obs[FINE_LABEL_KEY])
+    assert ANOMALY_TYPE in set(demo.reference.obs[FINE_LABEL_KEY]), "the other B cells are normal"
+    with pytest.raises(InputError, match="no cell type platelets"):
+        load_demo(anomalies=["platelets"])
