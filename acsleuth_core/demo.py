@@ -82,7 +82,8 @@ def load_demo(*, with_progenitors: bool = False, anomalies: Optional[Sequence[st
     else:
         unknown = sorted(set(anomalies) - set(fine_labels))
         if unknown:
-            raise InputError(f"The demo has no cell type {', '.join(unknown)}; its types are {', '.join(sorted(set(fine_labels)))}.")
+            known = ", ".join(sorted(set(fine_labels)))
+            raise InputError(f"The demo has no cell type {', '.join(unknown)}; its types are {known}.")
         is_anomaly = np.isin(fine_labels, list(anomalies))
 
     in_reference = np.zeros(labels.size, dtype=bool)

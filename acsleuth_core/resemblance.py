@@ -72,9 +72,8 @@ def reference_resemblance(
     is_reference = np.arange(n_cells) < n_reference
     neighbours, _ = nearest(embedded, embedded, n_neighbors, seed=seed, exclude_self=True)
     reference_counts = np.cumsum(is_reference[neighbours[~is_reference]], axis=1)  # among the first j + 1
-    names, sizes = np.unique(subtypes, return_counts=True)
-    judged = dict(zip(names, np.minimum(reference_counts.shape[1], sizes - 1)))
-    k = np.array([judged[name] for name in subtypes])
+    _, subtype_of_cell, sizes = np.unique(subtypes, return_inverse=True, return_counts=True)
+    k = np.minimum(reference_counts.shape[1], sizes - 1)[subtype_of_cell]
     share = np.full(subtypes.size, np.nan)
     ok = k >= max(MIN_CELLS - 1, 1)
     share[ok] = reference_counts[ok, k[ok] - 1] / k[ok]
@@ -146,4 +145,3 @@ def _embedded(pca, values: sp.spmatrix | np.ndarray) -> np.ndarray:
 
 def _dense(values: sp.spmatrix | np.ndarray) -> np.ndarray:
     return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
-
