@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         help="split the anomalies into K subtypes (module IV), 'auto' to choose K, or 0 to skip (default: auto)",
     )
     run.add_argument("--subtype-resolution", type=float, default=SubtypeConfig.resolution, help="Leiden resolution tried in the automatic mode")
+    run.add_argument(
+        "--keep-reference-like", action="store_true",
+        help="keep cells of subtypes that resemble the reference called anomalous (default: they are called normal)",
+    )
     run.add_argument("--label-key", help="obs column in targets and reference (e.g. cell type) to measure label purity")
     run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
     run.add_argument("--model", type=Path, help="score with a saved model instead of training")
@@ -143,12 +147,14 @@ def _subtype(run, args: argparse.Namespace) -> None:
     config = SubtypeConfig(n_subtypes=args.n_subtypes, resolution=args.subtype_resolution, seed=args.seed)
     try:
         with _ProgressBar() as bar:
-            result = subtype_detection_run(run, config, progress=bar.update)
+            result = subtype_detection_run(
+                run, config, reference_like_normal=not args.keep_reference_like, progress=bar.update
+            )
     except InputError as error:
         print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
         return
-    print(f"{result.subtypes.k_chosen} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
-    resemblance = describe_resemblance(result.resemblance)
+    print(f"{len(result.kept_subtypes)} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
+    resemblance = describe_resemblance(result.resemblance, called_normal=result.reference_like_normal)
     if resemblance:
         print(resemblance, file=sys.stderr)
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from . import keys
 from . import threshold as thr
+from .calls import calls_per_batch, refresh_calls
 from .correction import CorrectionConfig, CorrectionResult, annotate_correction, correct_batches
 from .detect import SCORE_DETAIL_KEYS, AnomalyDetector, DetectionResult, DetectorConfig
 from .errors import InputError
@@ -95,13 +96,17 @@ def subtype_detection_run(
     config: SubtypeConfig = SubtypeConfig(),
     *,
     use_correction: bool = True,
+    reference_like_normal: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> SubtypeResult:
-    """Split a detection run's anomalous cells into subtypes (module IV); writes the subtype keys into ``run.adata``."""
+    """Split a detection run's anomalous cells into subtypes (module IV); writes the subtype keys into
+    ``run.adata`` and, with ``reference_like_normal``, calls normal the cells of subtypes that resemble
+    the reference."""
     inputs = ModelInputs.from_prepared(run.prepared)
     result = subtype_anomalies(
-        run.adata, inputs, run.detector, config, use_correction=use_correction, progress=progress, cancel=cancel
+        run.adata, inputs, run.detector, config, use_correction=use_correction,
+        reference_like_normal=reference_like_normal, progress=progress, cancel=cancel,
     )
     annotate_subtypes(run.adata, result)
     return result
@@ -132,7 +137,8 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
 def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optional[float] = None) -> thr.Threshold:
     """Re-draw ``obs[keys.ANOMALY]`` on an annotated AnnData with another rule; returns the threshold.
 
-    The threshold's description of the score (``detail.score``, ``detail.views``, …) is kept.
+    The threshold's description of the score (``detail.score``, ``detail.views``, …) is kept. When the
+    threshold is unchanged, cells that subtyping called normal stay normal (:func:`calls.refresh_calls`).
 
     ``method``: ``label_free`` (default rule), ``fraction`` (``value`` = expected
     anomaly fraction) or ``manual`` (``value`` = score cut-off).
@@ -151,16 +157,9 @@ def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optiona
     previous = adata.uns[keys.UNS].get("threshold", {}).get("detail", {})
     score_description = {k: previous[k] for k in SCORE_DETAIL_KEYS if k in previous}
     threshold = dataclasses.replace(threshold, detail=threshold.detail | score_description)
-    adata.obs[keys.ANOMALY] = thr.call(scores, threshold)
     adata.uns[keys.UNS]["threshold"] = _h5ad_safe(threshold.as_dict())
-    adata.uns[keys.UNS]["calls_per_batch"] = calls_per_batch(adata)
+    refresh_calls(adata)
     return threshold
-
-
-def calls_per_batch(adata: ad.AnnData) -> dict[str, int]:
-    """Number of cells called anomalous in each batch."""
-    calls = adata.obs[keys.ANOMALY].astype(bool)
-    return {str(b): int(n) for b, n in calls.groupby(adata.obs[keys.BATCH], observed=True).sum().items()}
 
 
 def versions() -> dict[str, str]:

@@ -19,9 +19,10 @@ are judged on at most (its size − 1) neighbours, so that a small subtype of
 a new type, whose cells are nearest to each other, is not pushed among
 reference cells by a neighbour count larger than itself; subtypes of fewer
 than ``MIN_CELLS`` cells are not judged (``mixing`` missing, not flagged).
-The flag is advice for the user, not a change to the calls: an anomaly that is
-a changed state of a normal type, not a new type, can mix with its type's
-reference cells too.
+By default the subtype stage calls the flagged subtypes' cells normal
+(:mod:`subtyping`, :mod:`calls`); users can keep them instead, since an anomaly
+that is a changed state of a normal type, not a new type, can mix with its
+type's reference cells too.
 """
 
 from __future__ import annotations
@@ -96,21 +97,28 @@ def resembling_subtypes(table: pd.DataFrame) -> list[str]:
     return table.loc[table["resembles_reference"].astype(bool), "subtype"].astype(str).tolist()
 
 
-def describe_resemblance(table: pd.DataFrame) -> str | None:
-    """A sentence naming the subtypes that resemble the reference (None when none does)."""
+def describe_resemblance(table: pd.DataFrame, called_normal: bool = False) -> str | None:
+    """A sentence naming the subtypes that resemble the reference and, per ``called_normal``, whether
+    their cells were called normal (None when no subtype resembles the reference)."""
     flagged = table[table["resembles_reference"].astype(bool)]
     if flagged.empty:
         return None
     names = ", ".join(flagged["subtype"].astype(str))
     mixing = ", ".join(f"{m:.2f}" for m in flagged["mixing"])
     plural = len(flagged) > 1
+    they, them = ("They are", "them") if plural else ("It is", "it")
+    advice = (
+        f", so {'their' if plural else 'its'} cells are called normal. To keep {them} as anomalies, find subtypes "
+        "again without calling reference-like subtypes normal."
+        if called_normal
+        else f"; check the markers vs the reference before reading {them} as anomalies."
+    )
     return (
         f"Subtype{'s' if plural else ''} {names} ({int(flagged['cells'].sum()):,} cells) "
         f"{'resemble' if plural else 'resembles'} the reference: {'their' if plural else 'its'} cells have "
         f"{mixing} times the chance share of reference cells among their nearest neighbours, where a cell type "
         f"missing from the reference has few (threshold {RESEMBLANCE_LEVEL}). "
-        f"{'They are' if plural else 'It is'} probably normal cells past the anomaly threshold; check the markers "
-        f"vs the reference before reading {'them' if plural else 'it'} as anomalies."
+        f"{they} probably normal cells past the anomaly threshold{advice}"
     )
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import anndata as ad
 import pandas as pd
 
+from .calls import calls_per_batch, refresh_calls
 from .correction import CorrectionConfig, annotate_correction, correct_batches
 from .detect import AnomalyDetector, DetectorConfig
 from .errors import Cancelled, InputError
@@ -33,7 +34,7 @@ from .jobs import Job, JobRegistry
 from . import keys
 from .layout import correction_layout
 from .model_inputs import ModelInputs
-from .pipeline import calls_per_batch, detect_anomalies
+from .pipeline import detect_anomalies
 from .subtypes import SubtypeConfig
 from .subtyping import annotate_subtypes, subtype_anomalies, subtype_layout
 
@@ -131,11 +132,13 @@ class RunStore:
 
     def _save_stage_result(self, run: Run, stage: str, adata: ad.AnnData, layout: pd.DataFrame, layout_file: str) -> None:
         """Write the layout, and the stage's keys from ``adata`` into the result as it is on disk now: what
-        changed there while the stage ran (a new threshold, say) is kept, not overwritten."""
+        changed there while the stage ran (a new threshold, say) is kept, not overwritten; the call is
+        then derived again (subtyping may call cells normal)."""
         with atomic_path(run.folder / layout_file) as tmp:
             layout.to_parquet(tmp, index=False)
         current = run.load_result()
         copy_stage_keys(adata, current, stage)
+        refresh_calls(current)
         write_h5ad(current, run.folder / RESULT_FILE)
 
     def save_result(self, run: Run, adata: ad.AnnData) -> None:
@@ -269,6 +272,7 @@ def start_subtype_run(
     *,
     config: SubtypeConfig,
     use_correction: bool = True,
+    reference_like_normal: bool = True,
 ) -> Job:
     """Split a finished run's anomalous cells into subtypes in a background job; save the result and layout.
 
@@ -276,12 +280,17 @@ def start_subtype_run(
     cheap. ``run.json`` records the stage's status as for the correction.
     """
     _require_inputs(run)
-    params = config.to_json() | {"n_subtypes": str(config.n_subtypes), "use_correction": use_correction}
+    params = config.to_json() | {
+        "n_subtypes": str(config.n_subtypes), "use_correction": use_correction, "reference_like_normal": reference_like_normal,
+    }
     run = store.update(run, subtypes={"status": "running", "params": params})
 
     def work(progress, cancel):
         adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
-        result = subtype_anomalies(adata, inputs, detector, config, use_correction=use_correction, progress=progress, cancel=cancel)
+        result = subtype_anomalies(
+            adata, inputs, detector, config, use_correction=use_correction,
+            reference_like_normal=reference_like_normal, progress=progress, cancel=cancel,
+        )
         annotate_subtypes(adata, result)
         layout = subtype_layout(adata, seed=config.seed)
         saved = adata.uns[keys.UNS][keys.SUBTYPES]

@@ -1,9 +1,12 @@
 """Anomaly subtypes over an annotated result: module IV's inputs, clustering, markers, keys.
 
-``subtype_anomalies`` takes the cells called anomalous, embeds their log
-expression and module I's residuals of it as tokens (:mod:`subtypes`),
-clusters them, finds marker genes (:mod:`markers`) and checks which subtypes
-look like reference cells, i.e. normal cells past the threshold (:mod:`resemblance`).
+``subtype_anomalies`` takes the cells past the anomaly threshold, embeds their
+log expression and module I's residuals of it as tokens (:mod:`subtypes`),
+clusters them, checks which subtypes look like reference cells, i.e. normal
+cells past the threshold (:mod:`resemblance`), and finds marker genes
+(:mod:`markers`). By default the cells of subtypes that look like reference
+cells are then called normal (:mod:`calls`): on the benchmarks every subtype
+so flagged held only normal cells (README, "Subtypes").
 
 When a correction exists (and ``use_correction``), the expression is
 batch-adjusted in gene space with the kin pairs of module II: each batch is
@@ -29,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
+from .calls import refresh_calls, threshold_calls
 from .detect import AnomalyDetector
 from .correction import threshold_changed_since
 from .errors import InputError
@@ -46,7 +50,12 @@ UMAP = ("umap_1", "umap_2")
 
 @dataclass
 class SubtypeResult:
-    """Module IV's result for the anomalous cells of a result, plus marker tables."""
+    """Module IV's result for the cells past the threshold, plus marker tables and the resemblance check.
+
+    ``anomalous`` marks the cells past the threshold (all clustered); ``kept``, over those cells, the ones
+    that stay anomalous: all, or (``reference_like_normal``) those whose subtype does not resemble the
+    reference.
+    """
 
     anomalous: np.ndarray
     subtypes: Subtypes
@@ -54,6 +63,27 @@ class SubtypeResult:
     resemblance: pd.DataFrame
     used_correction: bool
     config: SubtypeConfig
+    reference_like_normal: bool = False
+
+    @property
+    def names(self) -> np.ndarray:
+        """Subtype names ("1", "2", …) of the clustered cells."""
+        return _names(self.subtypes.labels)
+
+    @property
+    def like_reference(self) -> np.ndarray:
+        """Over the clustered cells: True where the cell's subtype resembles the reference."""
+        return np.isin(self.names, resembling_subtypes(self.resemblance))
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Over the clustered cells: True where the cell stays called anomalous."""
+        return ~self.like_reference if self.reference_like_normal else np.ones(self.names.size, dtype=bool)
+
+    @property
+    def kept_subtypes(self) -> list[str]:
+        """Names of the subtypes whose cells stay called anomalous, in order."""
+        return sorted({str(name) for name in self.names[self.kept]}, key=int)
 
 
 def subtype_anomalies(
@@ -63,14 +93,19 @@ def subtype_anomalies(
     config: SubtypeConfig = SubtypeConfig(),
     *,
     use_correction: bool = True,
+    reference_like_normal: bool = True,
     n_marker_genes: int = 25,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> SubtypeResult:
-    """Split the cells called anomalous in ``adata`` into subtypes (``adata`` is not modified)."""
+    """Split the cells past the anomaly threshold in ``adata`` into subtypes (``adata`` is not modified).
+
+    With ``reference_like_normal``, the cells of subtypes that resemble the reference are to be called
+    normal (:func:`annotate_subtypes` does it); markers are then found for the other subtypes only.
+    """
     if keys.ANOMALY not in adata.obs:
         raise InputError("This AnnData has no ACsleuth calls yet: run the detector first.")
-    anomalous = adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
+    anomalous = threshold_calls(adata)
     check_enough_anomalies(int(anomalous.sum()), config)
     used_correction = use_correction and keys.KIN in adata.obs and bool(adata.obs[keys.KIN].notna().any())
     measured = anomaly_expression(inputs, anomalous)
@@ -80,10 +115,12 @@ def subtype_anomalies(
     tokens, residual_tokens = _tokens(expression, detector, config)
     subtypes = find_subtypes(tokens, residual_tokens, config, progress=progress, cancel=cancel)
     names = _names(subtypes.labels)
-    markers = subtype_markers(measured, names, inputs.reference.X, inputs.genes, n_marker_genes)
     # the same neighbour count as the Leiden graph of the automatic k
     resemblance = reference_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
-    return SubtypeResult(anomalous, subtypes, markers, resemblance, used_correction, config)
+    result = SubtypeResult(anomalous, subtypes, {}, resemblance, used_correction, config, reference_like_normal)
+    kept = result.kept
+    result.markers = subtype_markers(measured[kept], names[kept], inputs.reference.X, inputs.genes, n_marker_genes)
+    return result
 
 
 def anomaly_expression(inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
@@ -138,25 +175,35 @@ def _tokens(expression: sp.spmatrix | np.ndarray, detector: AnomalyDetector, con
 
 def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:
     """Write subtypes, confidences, which cells' subtypes resemble the reference, the fused embedding,
-    markers and the resemblance table into ``adata``."""
+    markers and the resemblance table into ``adata``, then the call (:func:`calls.refresh_calls`).
+
+    Cells called normal for resembling the reference get no subtype, confidence or fused row, like
+    every normal cell; ``obs[keys.SUBTYPE_LIKE_REFERENCE]`` keeps the record of them.
+    """
     subtypes, anomalous = result.subtypes, result.anomalous
+    kept_rows = np.nonzero(anomalous)[0][result.kept]
     names = np.full(adata.n_obs, None, dtype=object)
-    names[anomalous] = _names(subtypes.labels)
-    categories = [str(i + 1) for i in range(subtypes.k_chosen)]
+    names[kept_rows] = result.names[result.kept]
+    categories = result.kept_subtypes
     adata.obs[keys.SUBTYPE] = pd.Categorical(names, categories=categories)
     confidence = np.full(adata.n_obs, np.nan, dtype=np.float32)
-    confidence[anomalous] = subtypes.confidence
+    confidence[kept_rows] = subtypes.confidence[result.kept]
     adata.obs[keys.SUBTYPE_CONFIDENCE] = confidence
     like_reference = pd.array(np.full(adata.n_obs, None), dtype="boolean")
-    like_reference[anomalous] = np.isin(names[anomalous], resembling_subtypes(result.resemblance))
+    like_reference[anomalous] = result.like_reference
     adata.obs[keys.SUBTYPE_LIKE_REFERENCE] = like_reference
     fused = np.full((adata.n_obs, subtypes.fused.shape[1]), np.nan, dtype=np.float32)
-    fused[anomalous] = subtypes.fused
+    fused[kept_rows] = subtypes.fused[result.kept]
     adata.obsm[keys.FUSED] = fused
     adata.uns[keys.UNS][keys.SUBTYPES] = {
-        "params": result.config.to_json() | {"n_subtypes": str(result.config.n_subtypes), "used_correction": result.used_correction},
+        "params": result.config.to_json() | {
+            "n_subtypes": str(result.config.n_subtypes),
+            "used_correction": result.used_correction,
+            "reference_like_normal": result.reference_like_normal,
+        },
         "k_chosen": subtypes.k_chosen,
         "k_reason": subtypes.k_reason,
+        "called_normal": int((~result.kept).sum()),
         "sizes": {c: int((names == c).sum()) for c in categories},
         "n_epochs": subtypes.n_epochs,
         "label_changes": np.asarray(subtypes.label_changes, dtype=np.float64),
@@ -165,6 +212,7 @@ def annotate_subtypes(adata: ad.AnnData, result: SubtypeResult) -> None:
         "reference_resemblance": result.resemblance,
         "threshold": float(adata.uns[keys.UNS]["threshold"]["value"]),
     }
+    refresh_calls(adata)
 
 
 def subtypes_are_stale(adata: ad.AnnData) -> bool:

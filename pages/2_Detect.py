@@ -3,9 +3,10 @@
 import streamlit as st
 
 from acsleuth_core import keys
+from acsleuth_core.calls import called_normal_by_resemblance, calls_per_batch
 from acsleuth_core.detect import DetectorConfig
 from acsleuth_core.errors import ACsleuthError
-from acsleuth_core.pipeline import call_anomalies, calls_per_batch
+from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.plots import loss_curves, score_histogram
 from acsleuth_core.runs import start_detection_run
 from acsleuth_core.runtime import resolve_device
@@ -116,6 +117,12 @@ st.dataframe(
 )
 how, needs_a_look = explain_threshold(threshold)
 note = f"Cells scoring above {threshold['value']:.4g} are called anomalous. {how}"
+n_called_normal = int(called_normal_by_resemblance(adata).sum())
+if n_called_normal:
+    note += (
+        f" Of them, {n_called_normal:,} are called normal after all: their subtype resembles the reference "
+        "(Subtypes step)."
+    )
 if needs_a_look:
     st.warning(note, icon="⚠️")
 else:

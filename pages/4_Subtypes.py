@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from acsleuth_core import keys
+from acsleuth_core.calls import threshold_calls
 from acsleuth_core.export import cell_table, provenance, table_bytes
 from acsleuth_core.markers import marker_dots
 from acsleuth_core.plots import colourable_columns
@@ -36,11 +37,11 @@ busy = job is not None and job.status().active
 adata, inputs = run_result(run), run_inputs(run)
 saved = adata.uns[keys.UNS].get(keys.SUBTYPES)
 corrected = keys.CORRECTED in adata.layers
-n_anomalous = int(adata.obs[keys.ANOMALY].sum())
+n_past_threshold = int(threshold_calls(adata).sum())
 
 with st.expander("Find subtypes", expanded=saved is None and not busy):
     with st.form("subtypes"):
-        st.caption(f"Run: {run.info.get('name', run.id)} · {n_anomalous:,} cells called anomalous")
+        st.caption(f"Run: {run.info.get('name', run.id)} · {n_past_threshold:,} cells past the anomaly threshold")
         left, middle, right = st.columns(3)
         mode = left.radio("Number of subtypes", ["automatic", "fixed"], horizontal=True, key="subtype_mode")
         k = left.number_input("Subtypes (when fixed)", 1, 50, 3, key="subtype_k")
@@ -61,6 +62,12 @@ with st.expander("Find subtypes", expanded=saved is None and not busy):
             "Fuse the reconstruction residual", value=True, key="subtype_residual",
             help="Off: cluster on the expression embedding alone (the paper's ablation).",
         )
+        reference_like_normal = right.checkbox(
+            "Call subtypes that resemble the reference normal", value=True, key="subtype_reference_like_normal",
+            help="A subtype whose cells have many reference cells among their nearest neighbours is most likely "
+            "normal cells past the threshold: on, its cells are called normal (and leave the subtypes); off, they "
+            "stay anomalous and the subtype is only marked.",
+        )
         if st.form_submit_button("Find subtypes", type="primary", disabled=busy):
             config = SubtypeConfig(
                 n_subtypes="auto" if mode == "automatic" else int(k), resolution=float(resolution),
@@ -68,7 +75,10 @@ with st.expander("Find subtypes", expanded=saved is None and not busy):
             )
             start_stage(
                 run, STAGE,
-                lambda: start_subtype_run(run_store(), job_registry(), run, config=config, use_correction=use_correction),
+                lambda: start_subtype_run(
+                    run_store(), job_registry(), run, config=config, use_correction=use_correction,
+                    reference_like_normal=reference_like_normal,
+                ),
             )
 
 follow_job(
@@ -95,10 +105,13 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
     )
 resemblance = saved.get("reference_resemblance")  # absent from runs saved before the check existed
 like_reference = resembling_subtypes(resemblance) if isinstance(resemblance, pd.DataFrame) else []
-st.subheader(
-    f"{saved['k_chosen']} subtypes of {len(layout):,} anomalous cells"
-    + (f" ({len(like_reference)} like the reference)" if like_reference else "")
-)
+called_normal = int(saved.get("called_normal", 0))  # cells of those subtypes called normal (0: kept, or none)
+n_subtypes = len(adata.obs[keys.SUBTYPE].cat.categories)
+if called_normal:
+    headline = f" ({called_normal:,} more cells, in subtypes like the reference, called normal)"
+else:
+    headline = f" ({len(like_reference)} like the reference)" if like_reference else ""
+st.subheader(f"{n_subtypes} subtype{'' if n_subtypes == 1 else 's'} of {len(layout):,} anomalous cells{headline}")
 passes = f"{saved['n_epochs']} training pass{'' if saved['n_epochs'] == 1 else 'es'}"
 st.caption(
     f"{saved['k_reason']}. Clustering "
@@ -106,9 +119,9 @@ st.caption(
     f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {passes}."
 )
 if isinstance(resemblance, pd.DataFrame):
-    message = describe_resemblance(resemblance)
+    message = describe_resemblance(resemblance, called_normal=bool(called_normal))
     if message:
-        st.warning(message, icon="⚠️")
+        (st.info if called_normal else st.warning)(message, icon="ℹ️" if called_normal else "⚠️")
     with st.expander("How much each subtype resembles the reference"):
         st.dataframe(resemblance.round(3), hide_index=True)
         st.caption(
@@ -117,6 +130,9 @@ if isinstance(resemblance, pd.DataFrame):
             "mixing: their ratio. A type missing from the reference mixes little with it."
         )
 
+if layout.empty:
+    st.info("Every subtype resembled the reference, so no cell is left called anomalous.", icon="ℹ️")
+    st.stop()
 rows = adata.obs[keys.SUBTYPE].notna().to_numpy()
 expression = anomaly_expression(inputs, rows)  # measured: what markers are tested on
 left, right = st.columns([1, 2])

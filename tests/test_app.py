@@ -7,7 +7,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from acsleuth_core import keys
+from acsleuth_core import keys, resemblance
 from acsleuth_core import threshold as thr
 from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.runs import RunStore
@@ -229,7 +229,7 @@ def _find_subtypes(run_id: str, *, k: int = 2) -> AppTest:
     while time.time() < deadline:
         time.sleep(1)
         at.run()
-        if at.get("plotly_chart") or at.warning:
+        if at.get("plotly_chart") or at.warning or at.subheader:  # a headline alone: every cell called normal
             return at
     raise AssertionError("subtyping did not finish in time")
 
@@ -293,6 +293,27 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     assert not reopened.exception
     assert any(h.value == f"3 subtypes of {int(older.obs[keys.ANOMALY].sum())} anomalous cells" for h in reopened.subheader)
     assert "How much each subtype resembles the reference" not in [e.label for e in reopened.expander]
+
+
+def test_cells_of_subtypes_like_the_reference_are_called_normal_and_the_pages_say_so(monkeypatch):
+    monkeypatch.setattr(resemblance, "RESEMBLANCE_LEVEL", 0.0)  # every subtype counts as like the reference
+    run_id = _train_demo(page("pages/2_Detect.py")).session_state["run_id"]
+    _call_a_fifth(run_id)
+    n_past_threshold = int(RunStore().get(run_id).load_result().obs[keys.ANOMALY].sum())
+    at = _find_subtypes(run_id, k=2)
+    assert not at.exception
+    assert [h.value for h in at.subheader] == [
+        f"0 subtypes of 0 anomalous cells ({n_past_threshold:,} more cells, in subtypes like the reference, called normal)"
+    ]
+    assert any("so their cells are called normal" in info.value for info in at.info)
+    assert any("Every subtype resembled the reference" in info.value for info in at.info)
+    result = RunStore().get(run_id).load_result()
+    assert not result.obs[keys.ANOMALY].any() and result.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() == n_past_threshold
+    detect = page("pages/2_Detect.py")
+    detect.session_state["run_id"] = run_id
+    detect.run()
+    assert not detect.exception
+    assert any(f"Of them, {n_past_threshold:,} are called normal after all" in c.value for c in detect.caption)
 
 
 def test_the_demo_with_two_anomaly_types_keeps_the_progenitors():

@@ -115,11 +115,20 @@ def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_p
         "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
         "--model", str(model), "--expected-fraction", "0.25",
     ]
-    assert main([*common, "--out", str(tmp_path / "k2.h5ad"), "--n-subtypes", "2", "--table", str(tmp_path / "k2.csv")]) == 0
+    kept = ["--out", str(tmp_path / "k2.h5ad"), "--n-subtypes", "2", "--keep-reference-like", "--table", str(tmp_path / "k2.csv")]
+    assert main([*common, *kept]) == 0
     two = ad.read_h5ad(tmp_path / "k2.h5ad")
     assert list(two.obs[keys.SUBTYPE].cat.categories) == ["1", "2"]
-    assert "Subtypes 1, 2 (" in capsys.readouterr().err and two.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() > 0
+    err = capsys.readouterr().err
+    assert "Subtypes 1, 2 (" in err and "check the markers" in err and two.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() > 0
     assert pd.read_csv(tmp_path / "k2.csv")[keys.SUBTYPE].dropna().isin([1, 2]).all()
+    # by default the cells of subtypes like the reference are called normal: here, all of them
+    assert main([*common, "--out", str(tmp_path / "normal.h5ad"), "--n-subtypes", "2"]) == 0
+    normal = ad.read_h5ad(tmp_path / "normal.h5ad")
+    assert not normal.obs[keys.ANOMALY].any() and normal.obs[keys.SUBTYPE].isna().all()
+    assert normal.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() == two.obs[keys.ANOMALY].sum()
+    captured = capsys.readouterr()
+    assert "cells are called normal" in captured.err and captured.out.startswith(f"0 of {normal.n_obs} cells called anomalous")
     assert main([*common, "--out", str(tmp_path / "none.h5ad"), "--n-subtypes", "0"]) == 0
     assert keys.SUBTYPE not in ad.read_h5ad(tmp_path / "none.h5ad").obs
     with pytest.raises(SystemExit):

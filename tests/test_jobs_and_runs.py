@@ -87,26 +87,35 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
 def _result(threshold: float) -> ad.AnnData:
     adata = ad.AnnData(np.zeros((4, 2), dtype=np.float32))
     adata.obs_names = [f"c{i}" for i in range(4)]
-    adata.obs[keys.ANOMALY] = [True, True, False, threshold < 0.5]
+    adata.obs[keys.SCORE] = [0.9, 0.8, 0.1, 0.3]
+    adata.obs[keys.ANOMALY] = adata.obs[keys.SCORE] > threshold
+    adata.obs[keys.BATCH] = pd.Categorical(["s"] * 4)
     adata.uns[keys.UNS] = {"threshold": {"value": threshold}}
     return adata
+
+
+def _subtyped(threshold: float) -> ad.AnnData:
+    """What a subtype job loaded and annotated: subtype 2 (cell c1) resembles the reference."""
+    finished = _result(threshold)
+    finished.obs[keys.SUBTYPE] = pd.Categorical(["1", "2", None, None])
+    finished.obs[keys.SUBTYPE_CONFIDENCE] = [0.9, 0.8, np.nan, np.nan]
+    finished.obs[keys.SUBTYPE_LIKE_REFERENCE] = pd.array([False, True, None, None], dtype="boolean")
+    finished.obsm[keys.FUSED] = np.ones((4, 3), dtype=np.float32)
+    finished.uns[keys.UNS][keys.SUBTYPES] = {"k_chosen": 2, "threshold": threshold, "params": {"reference_like_normal": True}}
+    return finished
 
 
 def test_a_stage_saves_only_its_own_keys_so_a_threshold_changed_meanwhile_is_kept(tmp_path):
     store = RunStore(tmp_path)
     run = store.create("run", {})
     store.save_result(run, _result(0.5))
-    finished = _result(0.5)  # what a subtype job loaded and annotated
-    finished.obs[keys.SUBTYPE] = pd.Categorical(["1", "2", None, None])
-    finished.obs[keys.SUBTYPE_CONFIDENCE] = [0.9, 0.8, np.nan, np.nan]
-    finished.obs[keys.SUBTYPE_LIKE_REFERENCE] = pd.array([False, True, None, None], dtype="boolean")
-    finished.obsm[keys.FUSED] = np.ones((4, 3), dtype=np.float32)
-    finished.uns[keys.UNS][keys.SUBTYPES] = {"k_chosen": 2, "threshold": 0.5}
+    finished = _subtyped(0.5)
     store.save_result(run, _result(0.2))  # the user picked another threshold while the job ran
     layout = pd.DataFrame({"cell": ["c0", "c1"]})
     store.save_subtypes(run, finished, layout, {"k_chosen": 2})
     saved = run.load_result()
     assert saved.uns[keys.UNS]["threshold"]["value"] == 0.2
+    # the subtypes are stale, so c1 keeps the new threshold's call although its subtype resembled the reference
     assert saved.obs[keys.ANOMALY].tolist() == [True, True, False, True]
     assert saved.obs[keys.SUBTYPE].tolist()[:2] == ["1", "2"]
     assert saved.obs[keys.SUBTYPE_LIKE_REFERENCE].tolist()[:2] == [False, True]
@@ -114,6 +123,16 @@ def test_a_stage_saves_only_its_own_keys_so_a_threshold_changed_meanwhile_is_kep
     assert np.array_equal(saved.obsm[keys.FUSED], finished.obsm[keys.FUSED])
     assert store.get(run.id).info["subtypes"]["status"] == "done"
     assert run.load_subtype_layout().equals(layout)
+
+
+def test_saving_current_subtypes_calls_reference_like_cells_normal(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create("run", {})
+    store.save_result(run, _result(0.5))
+    store.save_subtypes(run, _subtyped(0.5), pd.DataFrame({"cell": ["c0"]}), {"k_chosen": 2})
+    saved = run.load_result()
+    assert saved.obs[keys.ANOMALY].tolist() == [True, False, False, False]
+    assert saved.uns[keys.UNS]["calls_per_batch"] == {"s": 1}
 
 
 def test_stage_keys_are_not_copied_onto_other_cells():

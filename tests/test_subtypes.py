@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from acsleuth_core import keys, resemblance
-from acsleuth_core.demo import ANOMALY_TYPE, FINE_LABEL_KEY, LABEL_KEY, PLASMA_TYPE, load_demo
+from acsleuth_core.demo import ANOMALY_TYPE, FINE_LABEL_KEY, LABEL_KEY, PLASMA_TYPE, TRUTH_KEY, load_demo
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
@@ -17,7 +17,9 @@ from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
 from acsleuth_core.resemblance import describe_resemblance, reference_resemblance, resembling_subtypes
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
-from acsleuth_core.subtyping import UMAP, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale
+from acsleuth_core.subtyping import (
+    UMAP, annotate_subtypes, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale,
+)
 
 from tiny_models import DEMO_DETECTOR
 
@@ -204,22 +206,60 @@ def subtyped():
     return run, before, result
 
 
-def test_only_anomalies_get_a_subtype(subtyped):
-    run, _, result = subtyped
+def test_reference_like_subtypes_are_called_normal_and_only_anomalies_get_a_subtype(subtyped):
+    run, before, result = subtyped
     obs = run.adata.obs
+    past_threshold = before.obs[keys.ANOMALY].to_numpy(bool)
+    like_reference = obs[keys.SUBTYPE_LIKE_REFERENCE]
+    assert like_reference[~past_threshold].isna().all() and like_reference[past_threshold].notna().all()
+    flagged = like_reference.fillna(False).to_numpy(bool)
+    # the fixture's 20 % call takes in normal cells, which gather in a subtype of their own
+    assert resembling_subtypes(result.resemblance) and flagged.any()
+    assert (~obs[TRUTH_KEY][flagged]).any(), "normal cells past the threshold are among those called normal"
     anomalous = obs[keys.ANOMALY].to_numpy(bool)
+    assert np.array_equal(anomalous, past_threshold & ~flagged)
     assert isinstance(obs[keys.SUBTYPE].dtype, pd.CategoricalDtype)
-    assert list(obs[keys.SUBTYPE].cat.categories) == ["1", "2", "3"]
+    kept = [name for name in ("1", "2", "3") if name not in resembling_subtypes(result.resemblance)]
+    assert list(obs[keys.SUBTYPE].cat.categories) == kept == result.kept_subtypes
     assert obs[keys.SUBTYPE][anomalous].notna().all() and obs[keys.SUBTYPE][~anomalous].isna().all()
     assert obs[keys.SUBTYPE_CONFIDENCE][anomalous].between(1 / 3, 1).all()
     assert obs[keys.SUBTYPE_CONFIDENCE][~anomalous].isna().all()
-    like_reference = obs[keys.SUBTYPE_LIKE_REFERENCE]
-    assert like_reference[~anomalous].isna().all() and like_reference[anomalous].notna().all()
-    flagged = resembling_subtypes(result.resemblance)
-    assert (like_reference[anomalous] == obs[keys.SUBTYPE][anomalous].isin(flagged)).all()
     fused = run.adata.obsm[keys.FUSED]
     assert np.isfinite(fused[anomalous]).all() and np.isnan(fused[~anomalous]).all()
+    saved = run.adata.uns[keys.UNS]
+    assert saved[keys.SUBTYPES]["called_normal"] == flagged.sum()
+    assert sum(saved["calls_per_batch"].values()) == anomalous.sum()
     assert not result.used_correction  # the run was not corrected
+
+
+def test_reference_like_subtypes_can_stay_anomalous(subtyped):
+    run, before, _ = subtyped
+    adata = before.copy()
+    inputs = ModelInputs.from_prepared(run.prepared)
+    result = subtype_anomalies(adata, inputs, run.detector, SubtypeConfig(n_subtypes=3, max_epochs=10), reference_like_normal=False)
+    annotate_subtypes(adata, result)
+    assert np.array_equal(adata.obs[keys.ANOMALY], before.obs[keys.ANOMALY])
+    assert list(adata.obs[keys.SUBTYPE].cat.categories) == ["1", "2", "3"]
+    assert adata.uns[keys.UNS][keys.SUBTYPES]["called_normal"] == 0
+    flagged = resembling_subtypes(result.resemblance)
+    anomalous = adata.obs[keys.ANOMALY].to_numpy(bool)
+    assert flagged and (adata.obs[keys.SUBTYPE_LIKE_REFERENCE][anomalous] == adata.obs[keys.SUBTYPE][anomalous].isin(flagged)).all()
+    assert set(adata.uns[keys.UNS][keys.SUBTYPES]["markers_vs_anomalies"].subtype) == {"1", "2", "3"}
+
+
+def test_the_call_follows_the_threshold_and_reclustering_sees_every_cell_past_it(subtyped):
+    run, before, _ = subtyped
+    adata = run.adata.copy()
+    past_threshold = before.obs[keys.ANOMALY].to_numpy(bool)
+    called = adata.obs[keys.ANOMALY].to_numpy(bool)
+    call_anomalies(adata, "manual", adata.uns[keys.UNS]["threshold"]["value"])  # the same cut again
+    assert np.array_equal(adata.obs[keys.ANOMALY], called), "cells called normal by subtyping stay normal"
+    inputs = ModelInputs.from_prepared(run.prepared)
+    again = subtype_anomalies(adata, inputs, run.detector, SubtypeConfig(n_subtypes=2, max_epochs=5))
+    assert np.array_equal(again.anomalous, past_threshold), "re-clustering starts from the threshold's call"
+    call_anomalies(adata, "fraction", 0.1)
+    assert subtypes_are_stale(adata)
+    assert np.array_equal(adata.obs[keys.ANOMALY], adata.obs[keys.SCORE] > adata.uns[keys.UNS]["threshold"]["value"])
 
 
 def test_the_papers_encoder_can_embed_the_tokens(subtyped):
@@ -262,17 +302,18 @@ def test_a_small_subtype_of_a_missing_type_is_not_flagged_and_a_tiny_one_is_not_
 
 
 def test_subtype_summary_and_markers_are_recorded(subtyped):
-    run, _, _ = subtyped
+    run, _, result = subtyped
     saved = run.adata.uns[keys.UNS][keys.SUBTYPES]
     assert saved["k_chosen"] == 3 and "given" in saved["k_reason"]
     assert sum(saved["sizes"].values()) == int(run.adata.obs[keys.ANOMALY].sum())
-    assert set(saved["markers_vs_anomalies"].subtype) == {"1", "2", "3"}
+    assert set(saved["markers_vs_anomalies"].subtype) == set(saved["sizes"]) == set(result.kept_subtypes)
     assert set(saved["markers_vs_reference"].gene) <= set(run.adata.var_names)
 
 
-def test_subtyping_changes_nothing_but_its_own_keys(subtyped):
+def test_subtyping_changes_nothing_but_its_own_keys_and_the_call(subtyped):
     run, before, _ = subtyped
-    pd.testing.assert_frame_equal(run.adata.obs[before.obs.columns], before.obs)
+    others = [c for c in before.obs.columns if c != keys.ANOMALY]
+    pd.testing.assert_frame_equal(run.adata.obs[others], before.obs[others])
     assert np.array_equal(run.adata.obsm[keys.LATENT], before.obsm[keys.LATENT])
 
 
@@ -286,7 +327,7 @@ def test_subtypes_reach_the_table_the_h5ad_and_the_layout(subtyped, tmp_path):
     assert isinstance(back.uns[keys.UNS][keys.SUBTYPES]["markers_vs_reference"], pd.DataFrame)
     saved_resemblance = back.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
     assert list(saved_resemblance.subtype) == ["1", "2", "3"]
-    assert saved_resemblance.cells.sum() == len(table.dropna(subset=[keys.SUBTYPE]))
+    assert saved_resemblance.cells.sum() == table[keys.SUBTYPE_LIKE_REFERENCE].notna().sum()
     layout = subtype_layout(run.adata)
     assert len(layout) == int(run.adata.obs[keys.ANOMALY].sum())
     assert np.isfinite(layout[list(UMAP)].to_numpy()).all()
