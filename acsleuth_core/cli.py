@@ -154,7 +154,8 @@ def _subtype(run, args: argparse.Namespace) -> None:
         print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
         return
     print(f"{len(result.kept_subtypes)} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
-    resemblance = describe_resemblance(result.resemblance, called_normal=result.reference_like_normal)
+    called_normal = int((~result.kept).sum()) if result.reference_like_normal else None
+    resemblance = describe_resemblance(result.resemblance, called_normal=called_normal)
     if resemblance:
         print(resemblance, file=sys.stderr)
 

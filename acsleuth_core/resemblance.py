@@ -19,13 +19,22 @@ are judged on at most (its size − 1) neighbours, so that a small subtype of
 a new type, whose cells are nearest to each other, is not pushed among
 reference cells by a neighbour count larger than itself; subtypes of fewer
 than ``MIN_CELLS`` cells are not judged (``mixing`` missing, not flagged).
-By default the subtype stage calls the flagged subtypes' cells normal
+Each cell also has its own ``mixing`` (its share over chance). A cell
+*resembles the reference* when its subtype is flagged and its own mixing
+reaches the same level (:func:`cells_like_reference`): a subtype can gather
+a few cells of a rare new type together with normal cells past the threshold
+(on the demo, 13 progenitors with 17 normal cells: subtype mixing 0.70, the
+progenitors' own 0.00–0.86, 11 of 13 below 0.5; the normal cells 0.5–1.6), and
+the cells of the new type keep their few reference neighbours. By default the
+subtype stage calls the cells that resemble the reference normal
 (:mod:`subtyping`, :mod:`calls`); users can keep them instead, since an anomaly
 that is a changed state of a normal type, not a new type, can mix with its
 type's reference cells too.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -51,7 +60,7 @@ N_COMPONENTS = 30
 COLUMNS = ("subtype", "cells", "neighbours", "reference_neighbours", "chance", "mixing", "resembles_reference")
 
 
-def reference_resemblance(
+def cell_resemblance(
     anomalies: sp.spmatrix | np.ndarray,
     reference: sp.spmatrix | np.ndarray,
     subtypes: np.ndarray,
@@ -59,8 +68,8 @@ def reference_resemblance(
     n_neighbors: int = 15,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Per subtype: cells, neighbours judged per cell, mean share of reference cells among them, the
-    chance share, their ratio (``mixing``) and whether it reaches :data:`RESEMBLANCE_LEVEL`.
+    """Per anomalous cell, in order: its subtype, the neighbours it is judged on, the share of reference
+    cells among them, the chance share and their ratio (``mixing``; missing in subtypes too small to judge).
 
     ``anomalies`` and ``reference`` are log expression on the same genes (rows:
     cells); ``subtypes`` names each anomalous cell's subtype.
@@ -79,17 +88,34 @@ def reference_resemblance(
     ok = k >= max(MIN_CELLS - 1, 1)
     share[ok] = reference_counts[ok, k[ok] - 1] / k[ok]
     chance = n_reference / (n_cells - 1)
+    return pd.DataFrame(
+        {"subtype": subtypes, "neighbours": np.where(ok, k, 0), "share": share, "chance": chance, "mixing": share / chance}
+    )
+
+
+def subtype_resemblance(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per subtype, from :func:`cell_resemblance`'s rows: cells, neighbours judged per cell, mean share of
+    reference cells among them, the chance share, their ratio (``mixing``) and whether it reaches
+    :data:`RESEMBLANCE_LEVEL`."""
     table = (
-        pd.DataFrame({"subtype": subtypes, "neighbours": np.where(ok, k, 0), "share": share})
-        .groupby("subtype", sort=False)
-        .agg(cells=("share", "size"), neighbours=("neighbours", "first"), reference_neighbours=("share", "mean"))
+        cells.groupby("subtype", sort=False)
+        .agg(
+            cells=("share", "size"), neighbours=("neighbours", "first"), reference_neighbours=("share", "mean"),
+            chance=("chance", "first"),
+        )
         .reset_index()
     )
-    table["chance"] = chance
-    table["mixing"] = table["reference_neighbours"] / chance
+    table["mixing"] = table["reference_neighbours"] / table["chance"]
     table["resembles_reference"] = (table["mixing"] >= RESEMBLANCE_LEVEL).to_numpy(dtype=bool)
     table = table.sort_values("subtype", key=lambda names: pd.to_numeric(names, errors="coerce"), kind="stable")
     return table.reset_index(drop=True)[list(COLUMNS)]
+
+
+def cells_like_reference(cells: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
+    """Per row of :func:`cell_resemblance`: True where the cell's subtype resembles the reference and the
+    cell's own ``mixing`` reaches :data:`RESEMBLANCE_LEVEL` too."""
+    flagged = cells["subtype"].isin(resembling_subtypes(table)).to_numpy()
+    return flagged & (cells["mixing"].to_numpy(dtype=np.float64) >= RESEMBLANCE_LEVEL)
 
 
 def resembling_subtypes(table: pd.DataFrame) -> list[str]:
@@ -97,9 +123,9 @@ def resembling_subtypes(table: pd.DataFrame) -> list[str]:
     return table.loc[table["resembles_reference"].astype(bool), "subtype"].astype(str).tolist()
 
 
-def describe_resemblance(table: pd.DataFrame, called_normal: bool = False) -> str | None:
-    """A sentence naming the subtypes that resemble the reference and, per ``called_normal``, whether
-    their cells were called normal (None when no subtype resembles the reference)."""
+def describe_resemblance(table: pd.DataFrame, called_normal: Optional[int] = None) -> str | None:
+    """A sentence naming the subtypes that resemble the reference and, when ``called_normal`` is given,
+    how many of their cells were called normal (None when no subtype resembles the reference)."""
     flagged = table[table["resembles_reference"].astype(bool)]
     if flagged.empty:
         return None
@@ -108,9 +134,10 @@ def describe_resemblance(table: pd.DataFrame, called_normal: bool = False) -> st
     plural = len(flagged) > 1
     they, them = ("They are", "them") if plural else ("It is", "it")
     advice = (
-        f", so {'their' if plural else 'its'} cells are called normal. To keep {them} as anomalies, find subtypes "
-        "again without calling reference-like subtypes normal."
-        if called_normal
+        f"; the {called_normal:,} of {'their' if plural else 'its'} cells that also mix with the reference on "
+        "their own are called normal, the others stay anomalous. To keep them all anomalous, find subtypes "
+        "again without calling cells like the reference normal."
+        if called_normal is not None
         else f"; check the markers vs the reference before reading {them} as anomalies."
     )
     return (

@@ -4,9 +4,11 @@
 log expression and module I's residuals of it as tokens (:mod:`subtypes`),
 clusters them, checks which subtypes look like reference cells, i.e. normal
 cells past the threshold (:mod:`resemblance`), and finds marker genes
-(:mod:`markers`). By default the cells of subtypes that look like reference
-cells are then called normal (:mod:`calls`): on the benchmarks every subtype
-so flagged held only normal cells (README, "Subtypes").
+(:mod:`markers`). By default the cells that look like reference cells (their
+subtype does, and so do their own neighbours) are then called normal
+(:mod:`calls`): on the benchmarks the subtypes so flagged held normal cells,
+or a rare new type whose own cells stay called (README, "Subtypes that
+resemble the reference").
 
 When a correction exists (and ``use_correction``), the expression is
 batch-adjusted in gene space with the kin pairs of module II: each batch is
@@ -40,7 +42,7 @@ from .layout import CELL, umap_2d
 from .markers import subtype_markers
 from .model_inputs import ModelInputs
 from .progress import CancelToken, ProgressCallback
-from .resemblance import reference_resemblance, resembling_subtypes
+from .resemblance import cell_resemblance, cells_like_reference, subtype_resemblance
 from .subtypes import SubtypeConfig, Subtypes, check_enough_anomalies, find_subtypes, principal_tokens
 
 
@@ -52,15 +54,16 @@ UMAP = ("umap_1", "umap_2")
 class SubtypeResult:
     """Module IV's result for the cells past the threshold, plus marker tables and the resemblance check.
 
-    ``anomalous`` marks the cells past the threshold (all clustered); ``kept``, over those cells, the ones
-    that stay anomalous: all, or (``reference_like_normal``) those whose subtype does not resemble the
-    reference.
+    ``anomalous`` marks the cells past the threshold (all clustered); over those cells, ``like_reference``
+    marks the ones that resemble the reference (:func:`resemblance.cells_like_reference`) and ``kept``
+    the ones that stay anomalous: all, or (``reference_like_normal``) the others.
     """
 
     anomalous: np.ndarray
     subtypes: Subtypes
     markers: dict[str, pd.DataFrame]
     resemblance: pd.DataFrame
+    like_reference: np.ndarray
     used_correction: bool
     config: SubtypeConfig
     reference_like_normal: bool = False
@@ -69,11 +72,6 @@ class SubtypeResult:
     def names(self) -> np.ndarray:
         """Subtype names ("1", "2", …) of the clustered cells."""
         return _names(self.subtypes.labels)
-
-    @property
-    def like_reference(self) -> np.ndarray:
-        """Over the clustered cells: True where the cell's subtype resembles the reference."""
-        return np.isin(self.names, resembling_subtypes(self.resemblance))
 
     @property
     def kept(self) -> np.ndarray:
@@ -116,8 +114,11 @@ def subtype_anomalies(
     subtypes = find_subtypes(tokens, residual_tokens, config, progress=progress, cancel=cancel)
     names = _names(subtypes.labels)
     # the same neighbour count as the Leiden graph of the automatic k
-    resemblance = reference_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
-    result = SubtypeResult(anomalous, subtypes, {}, resemblance, used_correction, config, reference_like_normal)
+    cells = cell_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
+    table = subtype_resemblance(cells)
+    result = SubtypeResult(
+        anomalous, subtypes, {}, table, cells_like_reference(cells, table), used_correction, config, reference_like_normal
+    )
     kept = result.kept
     result.markers = subtype_markers(measured[kept], names[kept], inputs.reference.X, inputs.genes, n_marker_genes)
     return result

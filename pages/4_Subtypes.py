@@ -63,10 +63,10 @@ with st.expander("Find subtypes", expanded=saved is None and not busy):
             help="Off: cluster on the expression embedding alone (the paper's ablation).",
         )
         reference_like_normal = right.checkbox(
-            "Call subtypes that resemble the reference normal", value=True, key="subtype_reference_like_normal",
+            "Call cells like the reference normal", value=True, key="subtype_reference_like_normal",
             help="A subtype whose cells have many reference cells among their nearest neighbours is most likely "
-            "normal cells past the threshold: on, its cells are called normal (and leave the subtypes); off, they "
-            "stay anomalous and the subtype is only marked.",
+            "normal cells past the threshold. On: its cells that have many reference neighbours themselves are "
+            "called normal (and leave the subtypes). Off: they stay anomalous and the subtype is only marked.",
         )
         if st.form_submit_button("Find subtypes", type="primary", disabled=busy):
             config = SubtypeConfig(
@@ -105,10 +105,11 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
     )
 resemblance = saved.get("reference_resemblance")  # absent from runs saved before the check existed
 like_reference = resembling_subtypes(resemblance) if isinstance(resemblance, pd.DataFrame) else []
-called_normal = int(saved.get("called_normal", 0))  # cells of those subtypes called normal (0: kept, or none)
+reference_like_normal = bool(saved["params"].get("reference_like_normal"))  # False: kept anomalous, or an older run
+called_normal = int(saved.get("called_normal", 0))
 n_subtypes = len(adata.obs[keys.SUBTYPE].cat.categories)
 if called_normal:
-    headline = f" ({called_normal:,} more cells, in subtypes like the reference, called normal)"
+    headline = f" ({called_normal:,} more cells, like the reference, called normal)"
 else:
     headline = f" ({len(like_reference)} like the reference)" if like_reference else ""
 st.subheader(f"{n_subtypes} subtype{'' if n_subtypes == 1 else 's'} of {len(layout):,} anomalous cells{headline}")
@@ -119,9 +120,9 @@ st.caption(
     f"{'' if saved['params']['use_residual'] else ', without the residual branch'}; {passes}."
 )
 if isinstance(resemblance, pd.DataFrame):
-    message = describe_resemblance(resemblance, called_normal=bool(called_normal))
+    message = describe_resemblance(resemblance, called_normal=called_normal if reference_like_normal else None)
     if message:
-        (st.info if called_normal else st.warning)(message, icon="ℹ️" if called_normal else "⚠️")
+        (st.info if reference_like_normal else st.warning)(message, icon="ℹ️" if reference_like_normal else "⚠️")
     with st.expander("How much each subtype resembles the reference"):
         st.dataframe(resemblance.round(3), hide_index=True)
         st.caption(
@@ -131,7 +132,7 @@ if isinstance(resemblance, pd.DataFrame):
         )
 
 if layout.empty:
-    st.info("Every subtype resembled the reference, so no cell is left called anomalous.", icon="ℹ️")
+    st.info("Every cell past the threshold resembled the reference, so none is left called anomalous.", icon="ℹ️")
     st.stop()
 rows = adata.obs[keys.SUBTYPE].notna().to_numpy()
 expression = anomaly_expression(inputs, rows)  # measured: what markers are tested on

@@ -15,7 +15,10 @@ from acsleuth_core.export import cell_table, write_h5ad
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
-from acsleuth_core.resemblance import describe_resemblance, reference_resemblance, resembling_subtypes
+from acsleuth_core.resemblance import (
+    cell_resemblance, cells_like_reference, describe_resemblance, resembling_subtypes,
+    subtype_resemblance,
+)
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import (
     UMAP, annotate_subtypes, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale,
@@ -243,7 +246,9 @@ def test_reference_like_subtypes_can_stay_anomalous(subtyped):
     assert adata.uns[keys.UNS][keys.SUBTYPES]["called_normal"] == 0
     flagged = resembling_subtypes(result.resemblance)
     anomalous = adata.obs[keys.ANOMALY].to_numpy(bool)
-    assert flagged and (adata.obs[keys.SUBTYPE_LIKE_REFERENCE][anomalous] == adata.obs[keys.SUBTYPE][anomalous].isin(flagged)).all()
+    like_reference = adata.obs[keys.SUBTYPE_LIKE_REFERENCE][anomalous].to_numpy(bool)
+    assert flagged and like_reference.any()
+    assert adata.obs[keys.SUBTYPE][anomalous][like_reference].isin(flagged).all(), "only cells of flagged subtypes"
     assert set(adata.uns[keys.UNS][keys.SUBTYPES]["markers_vs_anomalies"].subtype) == {"1", "2", "3"}
 
 
@@ -275,15 +280,33 @@ def test_a_subtype_of_reference_like_cells_is_flagged_and_a_missing_type_is_not(
     reference = np.repeat(centres[:2], 150, axis=0) + rng.normal(size=(300, 40))
     new_type = centres[2] + rng.normal(size=(60, 40))
     normal_past_threshold = centres[0] + rng.normal(size=(12, 40))
-    table = reference_resemblance(np.vstack([new_type, normal_past_threshold]), reference, np.array(["1"] * 60 + ["2"] * 12))
+    cells = cell_resemblance(np.vstack([new_type, normal_past_threshold]), reference, np.array(["1"] * 60 + ["2"] * 12))
+    table = subtype_resemblance(cells)
     assert list(table.subtype) == ["1", "2"] and list(table.cells) == [60, 12]
     assert table.chance.iloc[0] == pytest.approx(300 / 371)
     new, normal = table.mixing
     assert new < 0.1 and normal > 0.8
     assert resembling_subtypes(table) == ["2"]
     message = describe_resemblance(table)
-    assert "Subtype 2 (12 cells) resembles the reference" in message
+    assert "Subtype 2 (12 cells) resembles the reference" in message and "check the markers" in message
+    assert "the 11 of its cells that also mix with the reference" in describe_resemblance(table, called_normal=11)
     assert describe_resemblance(table[table.subtype == "1"]) is None
+
+
+def test_in_a_flagged_subtype_only_the_cells_that_mix_with_the_reference_themselves_resemble_it():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3.0, size=(3, 40))
+    reference = np.repeat(centres[:2], 150, axis=0) + rng.normal(size=(300, 40))
+    # a rare new type gathered into one subtype with more normal cells; with 15 neighbours per cell, its
+    # cells keep mostly each other as neighbours (a group of fewer than about 8 would not)
+    rare_new_type = centres[2] + rng.normal(size=(12, 40))
+    normal_past_threshold = centres[0] + rng.normal(size=(28, 40))
+    subtypes = np.full(40, "1")
+    cells = cell_resemblance(np.vstack([rare_new_type, normal_past_threshold]), reference, subtypes)
+    table = subtype_resemblance(cells)
+    assert resembling_subtypes(table) == ["1"]
+    like = cells_like_reference(cells, table)
+    assert not like[:12].any() and like[12:].all()
 
 
 def test_a_small_subtype_of_a_missing_type_is_not_flagged_and_a_tiny_one_is_not_judged():
@@ -294,7 +317,7 @@ def test_a_small_subtype_of_a_missing_type_is_not_flagged_and_a_tiny_one_is_not_
     new_tiny = centres[3] + rng.normal(size=(2, 40))
     like_reference = centres[1] + rng.normal(size=(6, 40))
     anomalies = sp.csr_matrix(np.vstack([new_small, new_tiny, like_reference]))
-    table = reference_resemblance(anomalies, reference, np.array(["1"] * 5 + ["2"] * 2 + ["3"] * 6))
+    table = subtype_resemblance(cell_resemblance(anomalies, reference, np.array(["1"] * 5 + ["2"] * 2 + ["3"] * 6)))
     small, tiny, normal = table.itertuples(index=False)
     assert small.neighbours == 4 and small.mixing < 0.1 and not small.resembles_reference
     assert tiny.neighbours == 0 and np.isnan(tiny.mixing) and not tiny.resembles_reference
@@ -372,7 +395,8 @@ def test_sampled_reference_and_pca_fit_do_not_bias_the_resemblance(monkeypatch):
     centres = rng.normal(scale=2.0, size=(3, 100))
     reference = centres[rng.integers(0, 2, 1500)] + rng.normal(size=(1500, 100))
     types = rng.integers(0, 3, 900)  # types 0 and 1 are in the reference, type 2 is not
-    table = reference_resemblance(centres[types] + rng.normal(size=(900, 100)), reference, types.astype(str))
+    cells = cell_resemblance(centres[types] + rng.normal(size=(900, 100)), reference, types.astype(str))
+    table = subtype_resemblance(cells)
     assert table.chance.iloc[0] == pytest.approx(400 / 1299)
     like_reference, missing = table.mixing.iloc[:2], table.mixing.iloc[2]
     assert like_reference.between(0.8, 1.4).all(), like_reference.tolist()
