@@ -6,7 +6,8 @@ reads or writes a result imports the name from here, never spells it out.
 
 #: ``obs``: anomaly score per cell, float, higher means more anomalous.
 SCORE = "acsleuth_score"
-#: ``obs``: the binary anomaly call, bool: score above the threshold, less the cells that resemble the reference once subtypes are found (acsleuth_core.calls).
+#: ``obs``: the binary anomaly call, bool: score above the threshold, less the cells that resemble the
+#: reference once subtypes are found (acsleuth_core.calls).
 ANOMALY = "acsleuth_anomaly"
 #: ``obs``: the batch/sample each target cell was treated as.
 BATCH = "acsleuth_batch"
@@ -36,7 +37,8 @@ CORRECTION = "correction"
 SUBTYPE = "acsleuth_subtype"
 #: ``obs``: the subtype's soft-assignment probability (largest ``q``), 0–1; missing for cells called normal.
 SUBTYPE_CONFIDENCE = "acsleuth_subtype_confidence"
-#: ``obs``: for cells past the threshold, True where the cell resembles the reference, its subtype and its own neighbours alike (likely a normal cell; called normal unless asked not to); missing below the threshold.
+#: ``obs``: for cells past the threshold, True where the cell resembles the reference, its subtype and its own
+#: neighbours alike (likely a normal cell; called normal unless asked not to); missing below the threshold.
 SUBTYPE_LIKE_REFERENCE = "acsleuth_subtype_like_reference"
 #: ``obsm``: fused embedding ``z*`` of module IV; NaN rows for cells called normal.
 FUSED = "X_acsleuth_fused"

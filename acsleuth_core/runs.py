@@ -281,7 +281,9 @@ def start_subtype_run(
     """
     _require_inputs(run)
     params = config.to_json() | {
-        "n_subtypes": str(config.n_subtypes), "use_correction": use_correction, "reference_like_normal": reference_like_normal,
+        "n_subtypes": str(config.n_subtypes),
+        "use_correction": use_correction,
+        "reference_like_normal": reference_like_normal,
     }
     run = store.update(run, subtypes={"status": "running", "params": params})
 

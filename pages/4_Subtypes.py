@@ -152,7 +152,10 @@ elif colour_mode == "a gene":
     column = expression[:, inputs.genes.index(title)]
     values = np.asarray(column.todense()).ravel().astype(float)
 event = st.plotly_chart(
-    subtype_map(layout, values, title=title, like_reference=like_reference if values is None else ()),
+    # marked only while they stay anomalous: called normal, such cells are not on the map
+    subtype_map(
+        layout, values, title=title, like_reference=like_reference if values is None and not reference_like_normal else (),
+    ),
     key="subtype_map", on_select="rerun", selection_mode=("box", "lasso"),
 )
 st.caption(
