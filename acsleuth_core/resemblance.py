@@ -132,16 +132,19 @@ def describe_resemblance(table: pd.DataFrame, called_normal: Optional[int] = Non
     names = ", ".join(flagged["subtype"].astype(str))
     mixing = ", ".join(f"{m:.2f}" for m in flagged["mixing"])
     plural = len(flagged) > 1
-    they, them = ("They are", "them") if plural else ("It is", "it")
-    advice = (
-        f"; the {called_normal:,} of {'their' if plural else 'its'} cells that also mix with the reference on "
-        "their own are called normal, the others stay anomalous. To keep them all anomalous, find subtypes "
-        "again without calling cells like the reference normal."
-        if called_normal is not None
-        else f"; check the markers vs the reference before reading {them} as anomalies."
-    )
+    they, them, their = ("They are", "them", "their") if plural else ("It is", "it", "its")
+    n_cells = int(flagged["cells"].sum())
+    if called_normal is None:
+        advice = f"; check the markers vs the reference before reading {them} as anomalies."
+    else:
+        called = (
+            f", so all {their} cells are called normal" if called_normal == n_cells
+            else f"; the {called_normal:,} of {their} cells that also mix with the reference on their own are called "
+            f"normal, the other {n_cells - called_normal:,} {'stays' if n_cells - called_normal == 1 else 'stay'} anomalous"
+        )
+        advice = f"{called}. To keep them anomalous, find subtypes again without calling cells like the reference normal."
     return (
-        f"Subtype{'s' if plural else ''} {names} ({int(flagged['cells'].sum()):,} cells) "
+        f"Subtype{'s' if plural else ''} {names} ({n_cells:,} cells) "
         f"{'resemble' if plural else 'resembles'} the reference: {'their' if plural else 'its'} cells have "
         f"{mixing} times the chance share of reference cells among their nearest neighbours, where a cell type "
         f"missing from the reference has few (threshold {RESEMBLANCE_LEVEL}). "

@@ -120,8 +120,8 @@ note = f"Cells scoring above {threshold['value']:.4g} are called anomalous. {how
 n_called_normal = int(called_normal_by_resemblance(adata).sum())
 if n_called_normal:
     note += (
-        f" Of them, {n_called_normal:,} are called normal after all: their subtype resembles the reference "
-        "(Subtypes step)."
+        f" Of them, {n_called_normal:,} are called normal after all: they resemble the reference, and so does "
+        "their subtype (Subtypes step)."
     )
 if needs_a_look:
     st.warning(note, icon="⚠️")

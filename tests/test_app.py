@@ -305,7 +305,7 @@ def test_cells_of_subtypes_like_the_reference_are_called_normal_and_the_pages_sa
     assert [h.value for h in at.subheader] == [
         f"0 subtypes of 0 anomalous cells ({n_past_threshold:,} more cells, like the reference, called normal)"
     ]
-    assert any("also mix with the reference on their own are called normal" in info.value for info in at.info)
+    assert any("so all their cells are called normal" in info.value for info in at.info)
     assert any("Every cell past the threshold resembled the reference" in info.value for info in at.info)
     result = RunStore().get(run_id).load_result()
     assert not result.obs[keys.ANOMALY].any() and result.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() == n_past_threshold

@@ -129,7 +129,7 @@ def test_n_subtypes_fixes_k_and_zero_skips_the_stage(demo_run, demo_files, tmp_p
     assert not normal.obs[keys.ANOMALY].any() and normal.obs[keys.SUBTYPE].isna().all()
     assert normal.obs[keys.SUBTYPE_LIKE_REFERENCE].sum() == two.obs[keys.ANOMALY].sum()
     captured = capsys.readouterr()
-    assert "on their own are called normal, the others stay anomalous" in captured.err
+    assert "so all their cells are called normal" in captured.err
     assert captured.out.startswith(f"0 of {normal.n_obs} cells called anomalous")
     assert main([*common, "--out", str(tmp_path / "none.h5ad"), "--n-subtypes", "0"]) == 0
     assert keys.SUBTYPE not in ad.read_h5ad(tmp_path / "none.h5ad").obs

@@ -290,6 +290,8 @@ def test_a_subtype_of_reference_like_cells_is_flagged_and_a_missing_type_is_not(
     message = describe_resemblance(table)
     assert "Subtype 2 (12 cells) resembles the reference" in message and "check the markers" in message
     assert "the 11 of its cells that also mix with the reference" in describe_resemblance(table, called_normal=11)
+    assert "the other 1 stays anomalous" in describe_resemblance(table, called_normal=11)
+    assert "so all its cells are called normal" in describe_resemblance(table, called_normal=12)
     assert describe_resemblance(table[table.subtype == "1"]) is None
 
 
