@@ -17,13 +17,21 @@ import anndata as ad
 import numpy as np
 
 from . import keys
-from .correction import threshold_changed_since
 
 
 def threshold_calls(adata: ad.AnnData) -> np.ndarray:
     """Cells whose score is above the saved threshold: the call before any subtype check."""
     scores = adata.obs[keys.SCORE].to_numpy(dtype=np.float64)
     return scores > float(adata.uns[keys.UNS]["threshold"]["value"])
+
+
+def threshold_changed_since(adata: ad.AnnData, entry: str) -> bool:
+    """True when ``uns[UNS][entry]`` (a stage's record) names another anomaly threshold than the current
+    one (False when the stage has not run)."""
+    saved = adata.uns.get(keys.UNS, {}).get(entry)
+    if not saved:
+        return False
+    return float(saved["threshold"]) != float(adata.uns[keys.UNS]["threshold"]["value"])
 
 
 def called_normal_by_resemblance(adata: ad.AnnData) -> np.ndarray:

@@ -153,11 +153,13 @@ def _subtype(run, args: argparse.Namespace) -> None:
     except InputError as error:
         print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
         return
-    print(f"{len(result.kept_subtypes)} anomaly subtypes ({result.subtypes.k_reason})", file=sys.stderr)
+    kept, found = len(result.kept_subtypes), result.subtypes.k_chosen
+    counted = f"{kept} anomaly subtypes" + ("" if kept == found else f" kept of {found} found")
+    print(f"{counted} ({result.subtypes.k_reason})", file=sys.stderr)
     called_normal = int((~result.kept).sum()) if result.reference_like_normal else None
     resemblance = describe_resemblance(result.resemblance, called_normal=called_normal)
     if resemblance:
-        print(resemblance, file=sys.stderr)
+        print(resemblance + (" (CLI: --keep-reference-like)" if called_normal else ""), file=sys.stderr)
 
 
 def _n_subtypes(text: str) -> int | str:

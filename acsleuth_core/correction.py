@@ -1,7 +1,9 @@
 """Batch correction around the anomalies: module II (kin pairs) then module III (style transfer).
 
 ``correct_batches`` takes an annotated detection result, the model and the
-cells as the model saw them; it pairs the target cells called normal with
+cells as the model saw them; it pairs the target cells below the anomaly
+threshold (the threshold's call, whatever the subtype stage later called
+normal, so the result does not depend on which stage ran last) with
 reference cells, learns per-batch styles from those pairs, corrects every
 target cell (anomalies too) and measures batch mixing and, when labels are
 given, label purity before and after. ``annotate_correction`` writes the
@@ -19,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
+from .calls import threshold_calls, threshold_changed_since
 from .detect import AnomalyDetector
 from .errors import InputError
 from .kin import KinConfig, KinPairs, find_kin_pairs
@@ -86,7 +89,7 @@ def correct_batches(
     reference (e.g. a cell type); when given, label purity is measured too.
     """
     _check_aligned(adata, inputs)
-    normal = ~adata.obs[keys.ANOMALY].to_numpy(dtype=bool)
+    normal = ~threshold_calls(adata)
     if normal.sum() < MIN_NORMAL_CELLS:
         raise InputError(
             f"Only {int(normal.sum())} target cells are called normal; batch correction learns from normal cells "
@@ -162,14 +165,6 @@ def annotate_correction(
 def correction_is_stale(adata: ad.AnnData) -> bool:
     """True when the anomaly threshold changed after correction (kin pairs were learnt from other calls)."""
     return threshold_changed_since(adata, keys.CORRECTION)
-
-
-def threshold_changed_since(adata: ad.AnnData, entry: str) -> bool:
-    """True when ``uns[UNS][entry]`` records another anomaly threshold than the current one (False if absent)."""
-    saved = adata.uns.get(keys.UNS, {}).get(entry)
-    if not saved:
-        return False
-    return not np.isclose(float(saved["threshold"]), float(adata.uns[keys.UNS]["threshold"]["value"]))
 
 
 def shared_label_columns(adata: ad.AnnData, inputs: ModelInputs) -> list[str]:

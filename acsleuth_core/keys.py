@@ -21,7 +21,7 @@ LATENT = "X_acsleuth"
 UNS = "acsleuth"
 #: ``uns`` of a normalised AnnData: the kind of values it was given, "counts" or "log".
 INPUT_KIND = "acsleuth_input_kind"
-#: ``obs``: name of each target cell's kin reference cell (module II); missing for cells called anomalous.
+#: ``obs``: name of each target cell's kin reference cell (module II); missing for cells past the anomaly threshold.
 KIN = "acsleuth_kin"
 #: ``obs``: the kin's share of the cell's non-negative reference mix, 0–1; missing for cells called anomalous.
 KIN_CONFIDENCE = "acsleuth_kin_confidence"

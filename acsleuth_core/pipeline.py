@@ -22,7 +22,7 @@ import pandas as pd
 
 from . import keys
 from . import threshold as thr
-from .calls import calls_per_batch, refresh_calls
+from .calls import refresh_calls
 from .correction import CorrectionConfig, CorrectionResult, annotate_correction, correct_batches
 from .detect import SCORE_DETAIL_KEYS, AnomalyDetector, DetectionResult, DetectorConfig
 from .errors import InputError
@@ -101,8 +101,8 @@ def subtype_detection_run(
     cancel: Optional[CancelToken] = None,
 ) -> SubtypeResult:
     """Split a detection run's anomalous cells into subtypes (module IV); writes the subtype keys into
-    ``run.adata`` and, with ``reference_like_normal``, calls normal the cells of subtypes that resemble
-    the reference."""
+    ``run.adata`` and, with ``reference_like_normal``, calls normal the cells that resemble the reference
+    (their subtype and their own neighbours alike; :mod:`resemblance`)."""
     inputs = ModelInputs.from_prepared(run.prepared)
     result = subtype_anomalies(
         run.adata, inputs, run.detector, config, use_correction=use_correction,
@@ -116,7 +116,7 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
     """Write a detection result into ``adata`` under the documented keys."""
     adata.obs[keys.BATCH] = pd.Categorical(result.batches)
     adata.obs[keys.SCORE] = result.scores
-    adata.obs[keys.ANOMALY] = result.calls
+    adata.obs[keys.ANOMALY] = result.calls  # here, in the column order; refresh_calls below derives it
     adata.obs[keys.RESIDUAL_NORM] = result.residual_norm
     if result.reference_dissimilarity is not None:
         adata.obs[keys.REFERENCE_DISSIMILARITY] = result.reference_dissimilarity
@@ -125,13 +125,13 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
         "params": _h5ad_safe(detector.config.to_json()),
         "threshold": _h5ad_safe(result.threshold.as_dict()),
         "reference_scores": np.asarray(result.reference_scores, dtype=np.float64),
-        "calls_per_batch": calls_per_batch(adata),
         "history": {k: np.asarray(v, dtype=np.float64) for k, v in detector.history.items()},
         "genes": {"n_model_genes": len(detector.genes), "matching": prepared.gene_report.summary()},
         "input_kinds": dict(prepared.input_kinds),
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    refresh_calls(adata)
 
 
 def call_anomalies(adata: ad.AnnData, method: str = "label_free", value: Optional[float] = None) -> thr.Threshold:

@@ -1,4 +1,4 @@
-"""Which anomaly subtypes look like reference cells: a check on the call, per subtype.
+"""Which anomalous cells look like reference cells: a check on the call, per subtype and per cell.
 
 A label-free threshold lets some normal cells through. They are few and of
 several types, so module IV tends to gather them into small subtypes of their

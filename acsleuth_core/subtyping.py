@@ -34,9 +34,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import keys
-from .calls import refresh_calls, threshold_calls
+from .calls import refresh_calls, threshold_calls, threshold_changed_since
 from .detect import AnomalyDetector
-from .correction import threshold_changed_since
 from .errors import InputError
 from .layout import CELL, umap_2d
 from .markers import subtype_markers
@@ -66,7 +65,7 @@ class SubtypeResult:
     like_reference: np.ndarray
     used_correction: bool
     config: SubtypeConfig
-    reference_like_normal: bool = False
+    reference_like_normal: bool
 
     @property
     def names(self) -> np.ndarray:

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from acsleuth_core import keys
-from acsleuth_core.calls import threshold_calls
+from acsleuth_core.calls import called_normal_by_resemblance, threshold_calls
 from acsleuth_core.export import cell_table, provenance, table_bytes
 from acsleuth_core.markers import marker_dots
 from acsleuth_core.plots import colourable_columns
@@ -105,11 +105,12 @@ if not saved["params"]["used_correction"] and layout[keys.BATCH].nunique() > 1:
     )
 resemblance = saved.get("reference_resemblance")  # absent from runs saved before the check existed
 like_reference = resembling_subtypes(resemblance) if isinstance(resemblance, pd.DataFrame) else []
-reference_like_normal = bool(saved["params"].get("reference_like_normal"))  # False: kept anomalous, or an older run
-called_normal = int(saved.get("called_normal", 0))
+# the check calls cells normal only when asked to and while the subtypes match the threshold
+reference_like_normal = bool(saved["params"].get("reference_like_normal")) and not subtypes_are_stale(adata)
+called_normal = int(called_normal_by_resemblance(adata).sum())
 n_subtypes = len(adata.obs[keys.SUBTYPE].cat.categories)
 if called_normal:
-    headline = f" ({called_normal:,} more cells, like the reference, called normal)"
+    headline = f" ({called_normal:,} cells like the reference called normal)"
 else:
     headline = f" ({len(like_reference)} like the reference)" if like_reference else ""
 st.subheader(f"{n_subtypes} subtype{'' if n_subtypes == 1 else 's'} of {len(layout):,} anomalous cells{headline}")

@@ -284,7 +284,9 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     # a run saved before the resemblance check existed still opens
     store = RunStore()
     older = store.get(run_id).load_result()
-    del older.uns[keys.UNS][keys.SUBTYPES]["reference_resemblance"]
+    for entry in ("reference_resemblance", "called_normal"):
+        older.uns[keys.UNS][keys.SUBTYPES].pop(entry, None)
+    older.uns[keys.UNS][keys.SUBTYPES]["params"].pop("reference_like_normal", None)
     del older.obs[keys.SUBTYPE_LIKE_REFERENCE]
     store.save_result(store.get(run_id), older)
     reopened = page("pages/4_Subtypes.py")
@@ -303,7 +305,7 @@ def test_cells_of_subtypes_like_the_reference_are_called_normal_and_the_pages_sa
     at = _find_subtypes(run_id, k=2)
     assert not at.exception
     assert [h.value for h in at.subheader] == [
-        f"0 subtypes of 0 anomalous cells ({n_past_threshold:,} more cells, like the reference, called normal)"
+        f"0 subtypes of 0 anomalous cells ({n_past_threshold:,} cells like the reference called normal)"
     ]
     assert any("so all their cells are called normal" in info.value for info in at.info)
     assert any("Every cell past the threshold resembled the reference" in info.value for info in at.info)

@@ -9,9 +9,11 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from acsleuth_core import keys, resemblance
+from acsleuth_core.correction import CorrectionConfig, correct_batches
 from acsleuth_core.demo import ANOMALY_TYPE, FINE_LABEL_KEY, LABEL_KEY, PLASMA_TYPE, TRUTH_KEY, load_demo
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import cell_table, write_h5ad
+from acsleuth_core.kin import KinConfig
 from acsleuth_core.markers import COLUMNS, subtype_markers
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies, subtype_detection_run
@@ -19,6 +21,7 @@ from acsleuth_core.resemblance import (
     cell_resemblance, cells_like_reference, describe_resemblance, resembling_subtypes,
     subtype_resemblance,
 )
+from acsleuth_core.style import StyleConfig
 from acsleuth_core.subtypes import SubtypeConfig, find_subtypes, principal_tokens, sharpened_target, soft_assignments
 from acsleuth_core.subtyping import (
     UMAP, annotate_subtypes, batch_adjusted, kin_batch_shifts, subtype_anomalies, subtype_layout, subtypes_are_stale,
@@ -37,6 +40,7 @@ def _clusters(n=240, n_types=4, dim=16, spread=6.0, seed=0):
 
 
 FAST = SubtypeConfig(max_epochs=20)
+FAST_CORRECTION = CorrectionConfig(kin=KinConfig(epochs=2), style=StyleConfig(epochs=2))
 
 
 # ------------------------------------------------------------ DESC pieces
@@ -218,11 +222,13 @@ def test_reference_like_subtypes_are_called_normal_and_only_anomalies_get_a_subt
     flagged = like_reference.fillna(False).to_numpy(bool)
     # the fixture's 20 % call takes in normal cells, which gather in a subtype of their own
     assert resembling_subtypes(result.resemblance) and flagged.any()
+    assert np.array_equal(flagged[past_threshold], result.like_reference)
+    assert set(result.names[result.like_reference]) <= set(resembling_subtypes(result.resemblance))
     assert (~obs[TRUTH_KEY][flagged]).any(), "normal cells past the threshold are among those called normal"
     anomalous = obs[keys.ANOMALY].to_numpy(bool)
     assert np.array_equal(anomalous, past_threshold & ~flagged)
     assert isinstance(obs[keys.SUBTYPE].dtype, pd.CategoricalDtype)
-    kept = [name for name in ("1", "2", "3") if name not in resembling_subtypes(result.resemblance)]
+    kept = sorted(set(result.names[~result.like_reference]), key=int)
     assert list(obs[keys.SUBTYPE].cat.categories) == kept == result.kept_subtypes
     assert obs[keys.SUBTYPE][anomalous].notna().all() and obs[keys.SUBTYPE][~anomalous].isna().all()
     assert obs[keys.SUBTYPE_CONFIDENCE][anomalous].between(1 / 3, 1).all()
@@ -265,6 +271,15 @@ def test_the_call_follows_the_threshold_and_reclustering_sees_every_cell_past_it
     call_anomalies(adata, "fraction", 0.1)
     assert subtypes_are_stale(adata)
     assert np.array_equal(adata.obs[keys.ANOMALY], adata.obs[keys.SCORE] > adata.uns[keys.UNS]["threshold"]["value"])
+
+
+def test_correction_after_subtyping_learns_from_the_thresholds_call(subtyped):
+    run, before, _ = subtyped
+    assert not run.adata.obs[keys.ANOMALY].equals(before.obs[keys.ANOMALY]), "subtyping called some cells normal"
+    adata = run.adata.copy()
+    result = correct_batches(adata, ModelInputs.from_prepared(run.prepared), run.detector, FAST_CORRECTION)
+    past_threshold = before.obs[keys.ANOMALY].to_numpy(bool)
+    assert pd.isna(result.kin[past_threshold]).all() and pd.notna(result.kin[~past_threshold]).all()
 
 
 def test_the_papers_encoder_can_embed_the_tokens(subtyped):
