@@ -57,7 +57,9 @@ CHUNK_ROWS = 4096
 #: principal components of the shared PCA
 N_COMPONENTS = 30
 #: columns of the per-subtype table
-COLUMNS = ("subtype", "cells", "neighbours", "reference_neighbours", "chance", "mixing", "resembles_reference")
+COLUMNS = (
+    "subtype", "cells", "neighbours", "reference_neighbours", "chance", "mixing", "resembles_reference", "cells_like_reference",
+)
 
 
 def cell_resemblance(
@@ -95,8 +97,8 @@ def cell_resemblance(
 
 def subtype_resemblance(cells: pd.DataFrame) -> pd.DataFrame:
     """Per subtype, from :func:`cell_resemblance`'s rows: cells, neighbours judged per cell, mean share of
-    reference cells among them, the chance share, their ratio (``mixing``) and whether it reaches
-    :data:`RESEMBLANCE_LEVEL`."""
+    reference cells among them, the chance share, their ratio (``mixing``), whether it reaches
+    :data:`RESEMBLANCE_LEVEL`, and how many of its cells resemble the reference (:func:`cells_like_reference`)."""
     table = (
         cells.groupby("subtype", sort=False)
         .agg(
@@ -107,6 +109,8 @@ def subtype_resemblance(cells: pd.DataFrame) -> pd.DataFrame:
     )
     table["mixing"] = table["reference_neighbours"] / table["chance"]
     table["resembles_reference"] = (table["mixing"] >= RESEMBLANCE_LEVEL).to_numpy(dtype=bool)
+    like = pd.Series(cells_like_reference(cells, table)).groupby(cells["subtype"].to_numpy()).sum()
+    table["cells_like_reference"] = table["subtype"].map(like).astype(int)
     table = table.sort_values("subtype", key=lambda names: pd.to_numeric(names, errors="coerce"), kind="stable")
     return table.reset_index(drop=True)[list(COLUMNS)]
 

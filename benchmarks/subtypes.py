@@ -1,6 +1,6 @@
 """Anomaly subtype benchmark (module IV): ACsleuth, its ablations, and clustering baselines on its calls.
 
-    python benchmarks/subtypes.py [--data demo|cellbench|cellbench-dropseq] [--seeds 0 1 2] [--methods ...]
+    python benchmarks/subtypes.py [--data demo|cellbench|cellbench-dropseq|cellbench-3types] [--seeds 0 1 2] [--methods ...]
     python benchmarks/subtypes.py --from-json benchmarks/results/subtypes_demo.json
 
 Data (``--data``):
@@ -13,6 +13,7 @@ Data (``--data``):
 * ``cellbench`` / ``cellbench-dropseq``: the detection benchmark's CellBench
   tasks (``benchmarks/detection.py``): two anomaly types, the lines A549 and
   H838 absent from the reference; ``cell_line`` is the truth.
+  ``cellbench-3types``: three anomaly types (H2228 left out of the reference too).
 
 The truth is read for evaluation only, except where a baseline is given the
 true k (below).
@@ -82,11 +83,12 @@ except ImportError:  # pragma: no cover
     from benchmarks import detection
 
 SCRIPT = "benchmarks/subtypes.py"
-DATASETS = ("demo", "cellbench", "cellbench-dropseq")
+DATASETS = ("demo", "cellbench", "cellbench-dropseq", "cellbench-3types")
 TITLES = {
     "demo": "demo with B cells and CD34+ progenitors anomalous",
     "cellbench": "CellBench, CEL-seq2 reference, lines A549 and H838 anomalous",
     "cellbench-dropseq": "CellBench, Drop-seq reference, lines A549 and H838 anomalous",
+    "cellbench-3types": "CellBench, CEL-seq2 reference without H2228, lines A549, H838 and H2228 anomalous",
 }
 N_PCS = 30
 N_NEIGHBOURS = 15

@@ -129,7 +129,9 @@ if isinstance(resemblance, pd.DataFrame):
         st.caption(
             "reference_neighbours: mean share of reference cells among a subtype's cells' nearest neighbours (PCA "
             "of reference and anomalous cells together); chance: the reference's share of all those cells; "
-            "mixing: their ratio. A type missing from the reference mixes little with it."
+            "mixing: their ratio. A type missing from the reference mixes little with it. cells_like_reference: "
+            "the cells of a subtype that resembles the reference whose own neighbours mix with it as much "
+            "(called normal unless kept)."
         )
 
 if layout.empty:

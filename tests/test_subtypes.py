@@ -223,6 +223,7 @@ def test_reference_like_subtypes_are_called_normal_and_only_anomalies_get_a_subt
     # the fixture's 20 % call takes in normal cells, which gather in a subtype of their own
     assert resembling_subtypes(result.resemblance) and flagged.any()
     assert np.array_equal(flagged[past_threshold], result.like_reference)
+    assert result.resemblance.cells_like_reference.sum() == flagged.sum()
     assert set(result.names[result.like_reference]) <= set(resembling_subtypes(result.resemblance))
     assert (~obs[TRUTH_KEY][flagged]).any(), "normal cells past the threshold are among those called normal"
     anomalous = obs[keys.ANOMALY].to_numpy(bool)
@@ -324,6 +325,7 @@ def test_in_a_flagged_subtype_only_the_cells_that_mix_with_the_reference_themsel
     assert resembling_subtypes(table) == ["1"]
     like = cells_like_reference(cells, table)
     assert not like[:12].any() and like[12:].all()
+    assert table.cells_like_reference.tolist() == [28]
 
 
 def test_a_small_subtype_of_a_missing_type_is_not_flagged_and_a_tiny_one_is_not_judged():
