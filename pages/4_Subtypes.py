@@ -185,7 +185,11 @@ for tab, (entry, name) in zip(st.tabs([name for name in MARKER_TABLES.values()])
     with tab:
         markers = saved[entry]
         if not isinstance(markers, pd.DataFrame) or markers.empty:
-            st.info("One subtype only: there are no other anomalies to compare it with.")
+            one_subtype = n_subtypes == 1 and entry == "markers_vs_anomalies"
+            st.info(
+                "One subtype only: there are no other anomalies to compare it with." if one_subtype
+                else "No markers: a Wilcoxon test needs at least 2 cells in a subtype."
+            )
             continue
         st.plotly_chart(marker_dot_plot(marker_dots(expression, labels, inputs.genes, markers)), key=f"dots_{entry}")
         st.caption(

@@ -296,6 +296,10 @@ def test_subtypes_are_found_in_the_background_and_explored_without_retraining():
     assert any(h.value == f"3 subtypes of {int(older.obs[keys.ANOMALY].sum())} anomalous cells" for h in reopened.subheader)
     assert "How much each subtype resembles the reference" not in [e.label for e in reopened.expander]
 
+    one = _find_subtypes(run_id, k=1)
+    assert not one.exception and any(h.value.startswith("1 subtype of") for h in one.subheader)
+    assert any("One subtype only" in info.value for info in one.info)
+
 
 def test_cells_of_subtypes_like_the_reference_are_called_normal_and_the_pages_say_so(monkeypatch):
     monkeypatch.setattr(resemblance, "RESEMBLANCE_LEVEL", 0.0)  # every subtype counts as like the reference
