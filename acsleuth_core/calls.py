@@ -1,8 +1,9 @@
 """The anomaly call of a result, ``obs[keys.ANOMALY]``, derived in one place.
 
 A cell is called anomalous when its score is above the threshold, unless the
-subtype stage (module IV) found that its subtype resembles the reference
-(:mod:`resemblance`) and was asked to call such cells normal. That second
+subtype stage (module IV) found that it resembles the reference, its subtype
+and its own neighbours alike (:mod:`resemblance`), and was asked to call such
+cells normal. That second
 part holds only while the subtypes match the current threshold: after a new
 threshold the subtypes cover other cells, and the call is the threshold's
 alone until subtypes are found again.
@@ -35,8 +36,8 @@ def threshold_changed_since(adata: ad.AnnData, entry: str) -> bool:
 
 
 def called_normal_by_resemblance(adata: ad.AnnData) -> np.ndarray:
-    """Cells past the threshold that the subtype stage called normal because their subtype resembles
-    the reference (all False when it was not asked to, found none, or its subtypes are stale)."""
+    """Cells past the threshold that the subtype stage called normal for resembling the reference
+    (all False when it was not asked to, found none, or its subtypes are stale)."""
     entry = adata.uns[keys.UNS].get(keys.SUBTYPES)
     current = entry and entry["params"].get("reference_like_normal") and not threshold_changed_since(adata, keys.SUBTYPES)
     if not current or keys.SUBTYPE_LIKE_REFERENCE not in adata.obs:

@@ -75,7 +75,7 @@ class SubtypeResult:
     @property
     def kept(self) -> np.ndarray:
         """Over the clustered cells: True where the cell stays called anomalous."""
-        return ~self.like_reference if self.reference_like_normal else np.ones(self.names.size, dtype=bool)
+        return _kept(self.like_reference, self.reference_like_normal)
 
     @property
     def kept_subtypes(self) -> list[str]:
@@ -115,12 +115,12 @@ def subtype_anomalies(
     # the same neighbour count as the Leiden graph of the automatic k
     cells = cell_resemblance(expression, inputs.reference.X, names, n_neighbors=config.n_neighbors, seed=config.seed)
     table = subtype_resemblance(cells)
-    result = SubtypeResult(
-        anomalous, subtypes, {}, table, cells_like_reference(cells, table), used_correction, config, reference_like_normal
+    like_reference = cells_like_reference(cells, table)
+    kept = _kept(like_reference, reference_like_normal)
+    markers = subtype_markers(measured[kept], names[kept], inputs.reference.X, inputs.genes, n_marker_genes)
+    return SubtypeResult(
+        anomalous, subtypes, markers, table, like_reference, used_correction, config, reference_like_normal
     )
-    kept = result.kept
-    result.markers = subtype_markers(measured[kept], names[kept], inputs.reference.X, inputs.genes, n_marker_genes)
-    return result
 
 
 def anomaly_expression(inputs: ModelInputs, rows: np.ndarray) -> sp.csr_matrix:
@@ -236,6 +236,11 @@ def subtype_layout(adata: ad.AnnData, *, seed: int = 0) -> pd.DataFrame:
     fused = adata.obsm[keys.FUSED][rows]
     table[list(UMAP)] = umap_2d(fused, seed) if rows.sum() > 2 else np.zeros((rows.sum(), 2), np.float32)
     return table
+
+
+def _kept(like_reference: np.ndarray, reference_like_normal: bool) -> np.ndarray:
+    """Which clustered cells stay called anomalous: all, or those not like the reference."""
+    return ~like_reference if reference_like_normal else np.ones(like_reference.size, dtype=bool)
 
 
 def _names(labels: np.ndarray) -> np.ndarray:
