@@ -67,6 +67,8 @@ CONFIG_FILE = "detector.json"
 CALIBRATION_FILE = "calibration.npz"
 #: keys of a threshold's ``detail`` that describe the score rather than the cut (kept when a cut is re-drawn)
 SCORE_DETAIL_KEYS = ("score", "views", "warm_start", "reference_in_anomalous_group")
+#: values per dense array while scoring (cells × genes of one batch): 8 M float32 = 32 MiB
+SCORING_BATCH_VALUES = 2**23
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,16 @@ class DetectionResult:
     threshold: thr.Threshold
     reference_scores: np.ndarray
     reference_dissimilarity: Optional[np.ndarray] = None
+
+
+@dataclass
+class _ResidualStatistics:
+    """What scoring reads off module I's residuals for a set of cells (rows in their order)."""
+
+    base_score: np.ndarray
+    residual_norm: np.ndarray
+    latent: np.ndarray
+    features: Optional[np.ndarray] = None
 
 
 class AnomalyDetector:
@@ -161,8 +173,7 @@ class AnomalyDetector:
             cancel=cancel,
         )
         self.generator.cpu()
-        train_residuals = np.vstack([d for _, d, _ in self._residual_batches(X_train)])
-        self._gene_scale = _robust_gene_scale(train_residuals)
+        self._gene_scale = self._residual_gene_scale(X_train)
         self._holdout = X[holdout_idx]
         self._similarity = ReferenceSimilarity.fit(X_train, seed=cfg.seed) if cfg.reference_similarity else None
         return self
@@ -196,12 +207,13 @@ class AnomalyDetector:
                 "prepare the target with the model's gene list."
             )
         batches = np.asarray(batches if batches is not None else np.full(X.shape[0], "target"), dtype=str)
-        features, residual_norm, latent = self._features(X, cancel)
-        holdout_features, _, _ = self._features(self._holdout, cancel)
+        keep_features = self._similarity is None  # only the predictor reads every residual feature
+        cells = self._residual_statistics(X, cancel, keep_features=keep_features)
+        holdout = self._residual_statistics(self._holdout, cancel, keep_features=keep_features)
         dissimilarity = None
         if self._similarity is None:
             logits, holdout_logits, route = self._residual_view(
-                features, holdout_features, seed_everything(cfg.seed + 1), progress, cancel
+                cells, holdout, seed_everything(cfg.seed + 1), progress, cancel
             )
             scores, reference_scores = thr.expit(logits), thr.expit(holdout_logits)
         else:
@@ -209,7 +221,7 @@ class AnomalyDetector:
             dissimilarity = self._similarity.dissimilarity(X)
             holdout_dissimilarity = self._similarity.dissimilarity(self._holdout)
             scores, reference_scores = _two_view_scores(
-                (_base_score(features), _base_score(holdout_features)),
+                (cells.base_score, holdout.base_score),
                 (_log_positive(dissimilarity), _log_positive(holdout_dissimilarity)),
             )
             route = {"score": "residual mean square", "views": "residual + reference similarity (Fisher)"}
@@ -218,8 +230,8 @@ class AnomalyDetector:
         return DetectionResult(
             scores=scores,
             calls=thr.call(scores, threshold),
-            residual_norm=residual_norm,
-            latent=latent,
+            residual_norm=cells.residual_norm,
+            latent=cells.latent,
             batches=batches,
             threshold=threshold,
             reference_scores=reference_scores,
@@ -228,15 +240,16 @@ class AnomalyDetector:
 
     def _residual_view(
         self,
-        features: np.ndarray,
-        holdout_features: np.ndarray,
+        cells: "_ResidualStatistics",
+        holdout: "_ResidualStatistics",
         generator_rng: torch.Generator,
         progress: Optional[ProgressCallback],
         cancel: Optional[CancelToken],
     ) -> tuple[np.ndarray, np.ndarray, dict]:
         """Module I's evidence on a logit scale, for targets and held-out cells: the MMD predictor's
         logits, or the standardised residual mean square when the predictor's call fails its check."""
-        base, base_holdout = _base_score(features), _base_score(holdout_features)
+        features, holdout_features = cells.features, holdout.features
+        base, base_holdout = cells.base_score, holdout.base_score
         warm, warm_route = _warm_start_targets(base, base_holdout)
         predictor = fit_predictor(
             features, warm, self.config.predictor, generator=generator_rng, progress=progress, cancel=cancel
@@ -254,32 +267,48 @@ class AnomalyDetector:
         route["score"] = "base"
         return _standardise(base, base_holdout), _standardise(base_holdout, base_holdout), route
 
-    def _features(
-        self, X: sp.csr_matrix, cancel: Optional[CancelToken]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Normalised, clipped residuals; raw residual norms; latents."""
+    def _residual_statistics(
+        self, X: sp.csr_matrix, cancel: Optional[CancelToken], *, keep_features: bool
+    ) -> "_ResidualStatistics":
+        """Per-cell base scores, raw residual norms and latents, batch by batch; the normalised,
+        clipped residual features of every cell too when ``keep_features`` (a cells × genes array)."""
         clip = self.config.residual_clip
-        features = np.empty(X.shape, dtype=np.float32)
+        mean_square = np.empty(X.shape[0], dtype=np.float64)
         norms = np.empty(X.shape[0], dtype=np.float64)
         latent = np.empty((X.shape[0], self.config.latent_dim), dtype=np.float32)
+        features = np.empty(X.shape, dtype=np.float32) if keep_features else None
         for rows, residual, z in self._residual_batches(X, cancel):
-            features[rows] = np.clip(residual / self._gene_scale, -clip, clip)
             norms[rows] = np.linalg.norm(residual, axis=1)
+            normalised = np.clip(residual / self._gene_scale, -clip, clip)
+            mean_square[rows] = _mean_square(normalised)
             latent[rows] = z
-        return features, norms, latent
+            if features is not None:
+                features[rows] = normalised
+        return _ResidualStatistics(np.log(mean_square), norms, latent, features)
 
     @torch.no_grad()
     def _residual_batches(
-        self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None, batch_size: int = 2048
+        self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield ``(rows, x − x̂, latent)`` in row order, batch by batch."""
+        """Yield ``(rows, x − x̂, latent)`` in row order, in batches whose dense arrays stay small however many genes."""
         self.generator.eval()
+        batch_size = _rows_per_batch(X.shape[1])
         for start in range(0, X.shape[0], batch_size):
             check_cancel(cancel)
             rows = slice(start, min(start + batch_size, X.shape[0]))
             x = X[rows].toarray().astype(np.float32)
             out = self.generator(torch.from_numpy(x))
             yield rows, x - out.expression.numpy(), out.latent.numpy()
+
+    def _residual_gene_scale(self, X: sp.csr_matrix) -> np.ndarray:
+        """Each gene's residual spread (RMS) over these cells, floored at the 10th percentile across
+        genes; accumulated batch by batch, so no cells × genes array is held."""
+        sum_of_squares = np.zeros(X.shape[1], dtype=np.float64)
+        for _, residual, _ in self._residual_batches(X):
+            sum_of_squares += np.einsum("ij,ij->j", residual, residual, dtype=np.float64)
+        scale = np.sqrt(sum_of_squares / X.shape[0])
+        floor = max(float(np.quantile(scale, 0.1)), 1e-3)
+        return np.maximum(scale, floor).astype(np.float32)
 
     @torch.no_grad()
     def encode(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
@@ -295,7 +324,7 @@ class AnomalyDetector:
     def residual_features(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         """The residuals as the anomaly predictor reads them: ``x − x̂`` per gene scale, clipped."""
         self._require_fitted()
-        return self._features(_as_csr(X), None)[0]
+        return self._residual_statistics(_as_csr(X), None, keep_features=True).features
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
@@ -375,13 +404,6 @@ def _split_holdout(n_cells: int, fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
-def _robust_gene_scale(residuals: np.ndarray) -> np.ndarray:
-    """Each gene's residual spread on the reference (RMS), floored at the 10th percentile across genes."""
-    scale = np.sqrt((residuals.astype(np.float64) ** 2).mean(axis=0))
-    floor = max(float(np.quantile(scale, 0.1)), 1e-3)
-    return np.maximum(scale, floor).astype(np.float32)
-
-
 def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> tuple[np.ndarray, str]:
     """Soft labels that orient the predictor, and how they were made.
 
@@ -436,18 +458,15 @@ def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (np.asarray(x, dtype=np.float64) - float(np.median(reference))) / scale
 
 
-def _base_score(features: np.ndarray) -> np.ndarray:
-    """The base score: the log mean square of each cell's normalised residual features."""
-    return np.log(_mean_square(features))
+def _rows_per_batch(n_genes: int) -> int:
+    """Cells per scoring batch: up to ``SCORING_BATCH_VALUES`` values per dense array, 64 to 2,048 cells."""
+    return int(np.clip(SCORING_BATCH_VALUES // max(n_genes, 1), 64, 2048))
 
 
-def _mean_square(features: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Each row's mean square, in row chunks so no float64 copy of the whole matrix is made."""
-    out = np.empty(features.shape[0], dtype=np.float64)
-    for start in range(0, features.shape[0], chunk):
-        block = features[start : start + chunk].astype(np.float64)
-        out[start : start + chunk] = np.einsum("ij,ij->i", block, block) / features.shape[1]
-    return np.maximum(out, 1e-12)
+def _mean_square(features: np.ndarray) -> np.ndarray:
+    """Each row's mean square (float64 accumulation), floored so its log is finite."""
+    block = features.astype(np.float64)
+    return np.maximum(np.einsum("ij,ij->i", block, block) / features.shape[1], 1e-12)
 
 
 def _log_positive(x: np.ndarray) -> np.ndarray:

@@ -124,8 +124,7 @@ def test_a_predictor_that_calls_the_held_out_reference_falls_back_to_the_base_sc
     detail = result.threshold.detail
     assert detail["reference_in_anomalous_group"] == 1.0
     assert detail["score"] == "base"
-    features, _, _ = detector._features(detect._as_csr(target), None)
-    base = detect._mean_square(features)
+    base = detector._residual_statistics(detect._as_csr(target), None, keep_features=False).base_score
     # the scores are a monotone map of the base score, and the call follows them
     assert np.all(np.diff(result.scores[np.argsort(base, kind="stable")]) >= 0)
     np.testing.assert_array_equal(result.calls, result.scores > result.threshold.value)
@@ -180,6 +179,48 @@ def test_reference_scores_come_from_held_out_reference_cells(data, fitted):
     assert np.all((result.reference_scores >= 0) & (result.reference_scores <= 1))
 
 
+
+def test_scoring_batches_are_sized_by_gene_count():
+    assert detect._rows_per_batch(765) == 2048
+    wide = detect._rows_per_batch(33_000)
+    assert wide * 33_000 <= detect.SCORING_BATCH_VALUES
+    assert detect._rows_per_batch(10**9) == 64  # never fewer than 64 cells
+
+
+def test_scores_do_not_depend_on_the_scoring_batch_size(data, fitted, monkeypatch):
+    _, target, _ = data
+    detector, result = fitted
+    monkeypatch.setattr(detect, "_rows_per_batch", lambda n_genes: 7)
+    small_batches = detector.score(target)
+    np.testing.assert_allclose(small_batches.scores, result.scores, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(small_batches.residual_norm, result.residual_norm, rtol=1e-6)
+    np.testing.assert_allclose(small_batches.latent, result.latent, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_statistics_hold_no_cells_by_genes_array_unless_asked(data, fitted, monkeypatch):
+    """The default score needs only per-cell summaries; the full residual features (cells × genes)
+    are built only for the predictor, so wide data is scored in memory that does not scale with genes."""
+    import tracemalloc
+
+    _, target, _ = data
+    detector, _ = fitted
+    many_cells = detect._as_csr(np.tile(target, (20, 1)))  # 4,800 cells × 60 genes
+    monkeypatch.setattr(detect, "_rows_per_batch", lambda n_genes: 64)
+    feature_bytes = many_cells.shape[0] * many_cells.shape[1] * 4
+
+    def peak_bytes(keep_features):
+        tracemalloc.start()
+        stats = detector._residual_statistics(many_cells, None, keep_features=keep_features)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return stats, peak
+
+    lean, lean_peak = peak_bytes(False)
+    full, full_peak = peak_bytes(True)
+    assert lean.features is None and full.features.shape == many_cells.shape
+    np.testing.assert_array_equal(lean.base_score, full.base_score)
+    assert full_peak >= feature_bytes
+    assert lean_peak < 0.6 * feature_bytes
 def test_training_history_has_one_value_per_epoch(fitted):
     detector, _ = fitted
     assert set(detector.history) == {"reconstruction", "generator", "critic", "wasserstein"}
