@@ -114,14 +114,14 @@ def correct_batches(
         progress=progress, cancel=cancel,
     )
     corrected = style.correct(target_X, batches, cancel)
-    reference_corrected = style.correct(reference_X, None, cancel)
+    reference_corrected_latent = style.correct_latent(reference_X, None, cancel)
     labels = _labels(adata, inputs, label_key, normal)
     evaluation_batches = np.concatenate([batches[normal], np.full(len(reference_latent), REFERENCE_BATCH)])
     metrics = {
         stage: correction_metrics(np.vstack([targets[normal], reference]), evaluation_batches, labels, config.metrics_k)
         for stage, targets, reference in (
             ("before", target_latent, reference_latent),
-            ("after", corrected.latent, reference_corrected.latent),
+            ("after", corrected.latent, reference_corrected_latent),
         )
     }
     return CorrectionResult(
@@ -130,7 +130,7 @@ def correct_batches(
         corrected_latent=corrected.latent,
         corrected_expression=corrected.expression,
         reference_latent=reference_latent,
-        reference_corrected_latent=reference_corrected.latent,
+        reference_corrected_latent=reference_corrected_latent,
         metrics=metrics,
         pairs=pairs,
         style=style,
@@ -208,12 +208,21 @@ def _on_normal(values: np.ndarray, normal: np.ndarray) -> np.ndarray:
 
 
 def _in_var_space(expression: sp.csr_matrix, genes: list[str], var_names: pd.Index) -> sp.csr_matrix:
-    """Place model-gene columns at their positions among ``var_names``; other columns stay zero."""
+    """Place model-gene columns at their positions among ``var_names``; other columns stay zero.
+
+    Only the column indices are remapped (no COO copy); a model on every gene, in order, is returned as is."""
     positions = var_names.get_indexer(genes)
     if (positions < 0).any():
         raise InputError("The result lacks some of the model's genes; it does not belong to this model.")
-    coo = expression.tocoo()
-    return sp.csr_matrix((coo.data, (coo.row, positions[coo.col])), shape=(expression.shape[0], len(var_names)))
+    if len(genes) == len(var_names) and np.array_equal(positions, np.arange(len(var_names))):
+        return expression
+    columns = positions.astype(expression.indices.dtype)[expression.indices]
+    placed = sp.csr_matrix(
+        (expression.data.copy(), columns, expression.indptr.copy()), shape=(expression.shape[0], len(var_names))
+    )
+    placed.has_sorted_indices = False
+    placed.sort_indices()
+    return placed
 
 
 def _styles(result: CorrectionResult) -> np.ndarray:

@@ -59,7 +59,7 @@ from .mmd import PredictorConfig, fit_predictor, predict_logits
 from .nn.adversarial import GanTraining, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import resolve_device, seed_everything
+from .runtime import dense_batch_rows, resolve_device, seed_everything
 from .similarity import ReferenceSimilarity
 
 WEIGHTS_FILE = "module1.pt"
@@ -67,8 +67,6 @@ CONFIG_FILE = "detector.json"
 CALIBRATION_FILE = "calibration.npz"
 #: keys of a threshold's ``detail`` that describe the score rather than the cut (kept when a cut is re-drawn)
 SCORE_DETAIL_KEYS = ("score", "views", "warm_start", "reference_in_anomalous_group")
-#: values per dense array while scoring (cells × genes of one batch): 8 M float32 = 32 MiB
-SCORING_BATCH_VALUES = 2**23
 
 
 @dataclass(frozen=True)
@@ -292,7 +290,7 @@ class AnomalyDetector:
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """Yield ``(rows, x − x̂, latent)`` in row order, in batches whose dense arrays stay small however many genes."""
         self.generator.eval()
-        batch_size = _rows_per_batch(X.shape[1])
+        batch_size = dense_batch_rows(X.shape[1])
         for start in range(0, X.shape[0], batch_size):
             check_cancel(cancel)
             rows = slice(start, min(start + batch_size, X.shape[0]))
@@ -456,11 +454,6 @@ def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``(x − median) / MAD`` of ``reference`` (normal-consistent MAD, floored)."""
     scale = max(float(stats.median_abs_deviation(reference, scale="normal")), 1e-6)
     return (np.asarray(x, dtype=np.float64) - float(np.median(reference))) / scale
-
-
-def _rows_per_batch(n_genes: int) -> int:
-    """Cells per scoring batch: up to ``SCORING_BATCH_VALUES`` values per dense array, 64 to 2,048 cells."""
-    return int(np.clip(SCORING_BATCH_VALUES // max(n_genes, 1), 64, 2048))
 
 
 def _mean_square(features: np.ndarray) -> np.ndarray:

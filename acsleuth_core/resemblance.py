@@ -41,6 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .neighbours import nearest
+from .runtime import dense_batch_rows
 
 #: a subtype whose cells have at least this share of the chance rate of reference neighbours resembles the reference
 RESEMBLANCE_LEVEL = 0.5
@@ -52,8 +53,6 @@ MAX_FIT_CELLS = 10000
 MAX_FIT_VALUES = 50_000_000
 #: subtypes with fewer cells are not judged
 MIN_CELLS = 3
-#: rows made dense at a time when projecting cells on the principal axes
-CHUNK_ROWS = 4096
 #: principal components of the shared PCA
 N_COMPONENTS = 30
 #: columns of the per-subtype table
@@ -180,8 +179,9 @@ def _sample_rows(values: sp.spmatrix | np.ndarray, limit: int, rng: np.random.Ge
 
 
 def _embedded(pca, values: sp.spmatrix | np.ndarray) -> np.ndarray:
-    """``values`` on the principal axes, a bounded block of rows at a time."""
-    blocks = [pca.transform(_dense(values[start : start + CHUNK_ROWS])) for start in range(0, values.shape[0], CHUNK_ROWS)]
+    """``values`` on the principal axes, a bounded block of rows at a time (fewer rows when genes are many)."""
+    step = dense_batch_rows(values.shape[1])
+    blocks = [pca.transform(_dense(values[start : start + step])) for start in range(0, values.shape[0], step)]
     return np.vstack(blocks).astype(np.float32)
 
 

@@ -1,4 +1,4 @@
-"""Device choice and seeding."""
+"""Device choice, seeding, and the size of dense batches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+#: values per dense array when cells are pushed through a network in batches: 8 M float32 = 32 MiB
+DENSE_BATCH_VALUES = 2**23
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,3 +39,9 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def dense_batch_rows(n_columns: int) -> int:
+    """Cells per batch when a sparse matrix is densified batch by batch (scoring, correcting): up to
+    :data:`DENSE_BATCH_VALUES` values per array, 64 to 2,048 cells, so wide data stays in bounds."""
+    return int(np.clip(DENSE_BATCH_VALUES // max(n_columns, 1), 64, 2048))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,7 +28,7 @@ from torch import nn
 from .nn.adversarial import GanTraining, GeneratorOutput, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import resolve_device, seed_everything
+from .runtime import dense_batch_rows, resolve_device, seed_everything
 
 #: batch code of reference cells: no style is removed from them
 REFERENCE_CODE = -1
@@ -182,29 +182,42 @@ class StyleTransfer:
         return np.array([lookup[str(b)] for b in batches], dtype=np.int64)
 
     @torch.no_grad()
-    def correct(
-        self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken] = None, chunk: int = 2048
-    ) -> Corrected:
+    def correct(self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken] = None) -> Corrected:
         """Corrected latent and expression of cells; ``batches=None`` treats them as reference cells.
 
         Expression is on the reference's log scale, sparse: values below
         :data:`EXPRESSION_FLOOR` (including the decoder's negative ones) become zero.
         """
+        latent = []
+        expression = []
+        for x, codes in self._batches(X, batches, cancel):
+            z, x_hat = self.generator(x, codes)
+            latent.append(z.numpy())
+            values = x_hat.numpy()
+            expression.append(sp.csr_matrix(np.where(values >= EXPRESSION_FLOOR, values, 0.0).astype(np.float32)))
+        return Corrected(np.vstack(latent), sp.vstack(expression, format="csr"))
+
+    @torch.no_grad()
+    def correct_latent(
+        self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken] = None
+    ) -> np.ndarray:
+        """Only the corrected latent ``E(x) − S_b`` of cells (no decoding); ``batches=None``: reference cells."""
+        return np.vstack([self.generator.style_free_latent(x, codes).numpy() for x, codes in self._batches(X, batches, cancel)])
+
+    def _batches(
+        self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Dense cell batches and their style codes, in row order, sized by gene count."""
         if self.generator is None:
             raise ValueError("module III has not been trained yet")
         self.generator.eval()
         X = sp.csr_matrix(X)
         codes = np.full(X.shape[0], REFERENCE_CODE) if batches is None else self.batch_codes(batches)
-        latent = np.empty((X.shape[0], self.generator.styles.shape[1]), dtype=np.float32)
-        expression = []
-        for start in range(0, X.shape[0], chunk):
+        step = dense_batch_rows(X.shape[1])
+        for start in range(0, X.shape[0], step):
             check_cancel(cancel)
-            rows = slice(start, start + chunk)
-            z, x_hat = self.generator(_dense(X[rows], torch.device("cpu")), torch.as_tensor(codes[rows]))
-            latent[rows] = z.numpy()
-            values = x_hat.numpy()
-            expression.append(sp.csr_matrix(np.where(values >= EXPRESSION_FLOOR, values, 0.0).astype(np.float32)))
-        return Corrected(latent, sp.vstack(expression, format="csr"))
+            rows = slice(start, start + step)
+            yield _dense(X[rows], torch.device("cpu")), torch.as_tensor(codes[rows])
 
 
 def _dense(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:

@@ -147,6 +147,7 @@ class AcsleuthOutput:
     batches: np.ndarray
     seconds: float
     threshold: float
+    run: Any = None  # the DetectionRun, for later stages
 
 
 def run_acsleuth(reference, targets, *, config, n_hvg: int | str = 3000, progress=None) -> AcsleuthOutput:
@@ -165,6 +166,7 @@ def run_acsleuth(reference, targets, *, config, n_hvg: int | str = 3000, progres
         batches=obs[keys.BATCH].astype(str).to_numpy(),
         seconds=seconds,
         threshold=float(run.adata.uns[keys.UNS]["threshold"]["value"]),
+        run=run,
     )
 
 
@@ -237,6 +239,8 @@ def reproduce_command(script: str, options: Mapping[str, Any]) -> str:
     """The shell command that reruns ``script`` with ``options`` (lists become repeated values)."""
     parts = ["python", script]
     for name, value in options.items():
+        if value is False:  # a switch left off
+            continue
         parts.append(f"--{name}")
         if value is True:  # a switch
             continue

@@ -1,7 +1,7 @@
 """Peak memory of ``detect_anomalies`` on a large synthetic sparse target.
 
     python benchmarks/memory.py [--cells 50000 --genes 2000 --reference-cells 5000 --seed 0]
-                                [--expression-scale 1.0]
+                                [--expression-scale 1.0] [--whole-pipeline]
 
 Synthetic data: Poisson counts from a few normal cell-type profiles (a shared
 log-normal gene baseline, each type with log-normal fold changes, log-sd 1.5,
@@ -13,6 +13,9 @@ CSR, so generating them never holds a dense cells × genes array.
 
 ACsleuth runs with every gene (``n_hvg="all"``) and a short schedule
 (5 module-I epochs, 2 + 3 predictor epochs): the point is memory, not accuracy.
+``--whole-pipeline`` splits the target into two samples and goes on as the CLI
+does: batch correction (10 epochs each for modules II and III), subtypes
+(k = 2, 5 epochs) and writing the annotated result to an ``.h5ad`` file.
 RSS is sampled in a background thread and split into phases at the training
 loops' progress reports, so the step that sets the peak is named. Target:
 peak RSS (``ru_maxrss`` of this process) below 4 GiB.
@@ -120,7 +123,9 @@ def sparse_mib(X) -> float:
     return (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
 
 
-def run(n_cells: int, n_genes: int, n_reference: int, seed: int, expression_scale: float = 1.0) -> dict:
+def run(
+    n_cells: int, n_genes: int, n_reference: int, seed: int, expression_scale: float = 1.0, whole_pipeline: bool = False
+) -> dict:
     """Build the data, run ACsleuth under the RSS sampler, and collect the numbers."""
     from sklearn.metrics import roc_auc_score
 
@@ -128,13 +133,13 @@ def run(n_cells: int, n_genes: int, n_reference: int, seed: int, expression_scal
     from acsleuth_core.mmd import PredictorConfig
 
     data = synthetic_data(n_reference, n_cells, n_genes, seed, expression_scale)
+    targets = two_samples(data.target) if whole_pipeline else data.target
     config = DetectorConfig(epochs=5, predictor=PredictorConfig(warmup_epochs=2, epochs=3), seed=seed)
     rss_before = common.current_rss_mib()
     peak_before = common.peak_rss_mib()
     with common.RssSampler(first_phase="prepare, module I epoch 1") as sampler:
-        out = common.run_acsleuth(
-            data.reference, data.target, config=config, n_hvg="all", progress=phase_marker(sampler)
-        )
+        out = common.run_acsleuth(data.reference, targets, config=config, n_hvg="all", progress=phase_marker(sampler))
+        later = later_stages(out.run, sampler, seed) if whole_pipeline else {}
     metrics = common.anomaly_metrics(data.truth, out.scores, out.calls)
     metrics["AUROC residual norm"] = float(roc_auc_score(data.truth, out.residual_norm))
     return {
@@ -147,7 +152,55 @@ def run(n_cells: int, n_genes: int, n_reference: int, seed: int, expression_scal
         "seconds": out.seconds,
         "cells/s": n_cells / out.seconds,
         **metrics,
+        **later,
         "phases": sampler.phases(),
+    }
+
+
+def two_samples(target) -> dict:
+    """The target's first and second halves as two samples (batches), so correction has work to do."""
+    half = target.n_obs // 2
+    return {"sample_1": target[:half].copy(), "sample_2": target[half:].copy()}
+
+
+def later_stages(run, sampler: common.RssSampler, seed: int) -> dict:
+    """Correction, subtypes and the export after detection, each its own phase; their seconds and sizes."""
+    import dataclasses
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from acsleuth_core import keys
+    from acsleuth_core.correction import CorrectionConfig
+    from acsleuth_core.export import write_h5ad
+    from acsleuth_core.pipeline import correct_detection_run, subtype_detection_run
+    from acsleuth_core.subtypes import SubtypeConfig
+
+    seconds = {}
+    correction = CorrectionConfig.seeded(seed)
+    correction = dataclasses.replace(
+        correction,
+        kin=dataclasses.replace(correction.kin, epochs=10),
+        style=dataclasses.replace(correction.style, epochs=10),
+    )
+    start = time.perf_counter()
+    sampler.mark("correction (modules II and III)")
+    correct_detection_run(run, correction, progress=phase_marker(sampler))
+    seconds["correction seconds"] = time.perf_counter() - start
+    sampler.mark("subtypes (module IV)")
+    start = time.perf_counter()
+    subtype_detection_run(run, SubtypeConfig(n_subtypes=2, max_epochs=5, seed=seed))
+    seconds["subtypes seconds"] = time.perf_counter() - start
+    sampler.mark("export (.h5ad)")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_h5ad(run.adata, Path(folder) / "result.h5ad")
+        size = path.stat().st_size / 2**20
+    seconds["export seconds"] = time.perf_counter() - start
+    layer = run.adata.layers[keys.CORRECTED]
+    return seconds | {
+        "corrected layer": f"{layer.nnz / np.prod(layer.shape):.0%} non-zero, {sparse_mib(layer):.0f} MiB as CSR",
+        "exported .h5ad MiB": size,
     }
 
 
@@ -190,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference-cells", type=int, default=5_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--expression-scale", type=float, default=1.0, help="multiplies every expected count")
+    parser.add_argument("--whole-pipeline", action="store_true", help="also correct, subtype and export")
     return parser.parse_args(argv)
 
 
@@ -203,15 +257,16 @@ def main(argv=None) -> None:
             "reference-cells": args.reference_cells,
             "seed": args.seed,
             "expression-scale": args.expression_scale,
+            "whole-pipeline": args.whole_pipeline,
         },
     )
     print(command, flush=True)
     code = common.code_state(common.package_digests())
-    result = run(args.cells, args.genes, args.reference_cells, args.seed, args.expression_scale)
+    result = run(args.cells, args.genes, args.reference_cells, args.seed, args.expression_scale, args.whole_pipeline)
     report = render(command, result, code)
     print(report)
     scale = "" if args.expression_scale == 1.0 else f"_scale{args.expression_scale:g}"
-    name = f"memory_{args.cells}x{args.genes}{scale}"
+    name = f"memory_{args.cells}x{args.genes}{scale}{'_pipeline' if args.whole_pipeline else ''}"
     common.write_json(f"{name}.json", {"command": command, "code": code, "result": result})
     common.log(f"written to {common.write_result(f'{name}.md', report)}")
 

@@ -7,10 +7,12 @@ import textwrap
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
-from acsleuth_core import keys
+from acsleuth_core import correction, keys
 from acsleuth_core.correction import CorrectionConfig, correct_batches, correction_is_stale, shared_label_columns
 from acsleuth_core.demo import LABEL_KEY, load_demo
 from acsleuth_core.errors import InputError
@@ -148,6 +150,9 @@ def test_style_vectors_remove_a_known_additive_latent_shift():
     corrected = style.correct(target, batches)
     reference_latent = style.correct(reference, None).latent
     uncorrected_latent = style.correct(target, None).latent
+    # the latent alone, without decoding, is the same
+    np.testing.assert_allclose(style.correct_latent(target, batches), corrected.latent, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(style.correct_latent(reference, None), reference_latent, rtol=1e-6, atol=1e-6)
 
     def gap(latent):
         return np.linalg.norm(latent - reference_latent[partner], axis=1).mean()
@@ -297,3 +302,17 @@ def test_subtypes_of_a_corrected_run_are_found_on_kin_shifted_expression(correct
     assert np.corrcoef(shifts["sample_B"] - shifts["sample_A"], gap)[0, 1] > 0.8
     result = subtype_anomalies(run.adata, inputs, run.detector, SubtypeConfig(n_subtypes=2, max_epochs=5))
     assert result.used_correction and result.subtypes.k_chosen == 2
+
+
+def test_corrected_expression_lands_in_its_genes_columns_without_touching_the_input():
+    expression = sp.random(40, 10, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    before = expression.copy()
+    var_names = pd.Index([f"g{i}" for i in range(25)])
+    genes = list(np.random.default_rng(0).choice(var_names, 10, replace=False))
+    placed = correction._in_var_space(expression, genes, var_names)
+    expected = np.zeros((40, 25), np.float32)
+    expected[:, var_names.get_indexer(genes)] = before.toarray()
+    np.testing.assert_array_equal(placed.toarray(), expected)
+    assert placed.has_sorted_indices
+    assert (expression != before).nnz == 0
+    assert correction._in_var_space(expression, list(var_names[:10]), var_names[:10]) is expression

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from acsleuth_core import detect, keys
+from acsleuth_core import detect, keys, runtime
 from acsleuth_core import threshold as thr
 from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
 from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, AnomalyDetector, DetectorConfig
@@ -180,17 +180,17 @@ def test_reference_scores_come_from_held_out_reference_cells(data, fitted):
 
 
 
-def test_scoring_batches_are_sized_by_gene_count():
-    assert detect._rows_per_batch(765) == 2048
-    wide = detect._rows_per_batch(33_000)
-    assert wide * 33_000 <= detect.SCORING_BATCH_VALUES
-    assert detect._rows_per_batch(10**9) == 64  # never fewer than 64 cells
+def test_dense_batches_are_sized_by_gene_count():
+    assert runtime.dense_batch_rows(765) == 2048
+    wide = runtime.dense_batch_rows(33_000)
+    assert 64 < wide and wide * 33_000 <= runtime.DENSE_BATCH_VALUES
+    assert runtime.dense_batch_rows(10**9) == 64  # never fewer than 64 cells
 
 
 def test_scores_do_not_depend_on_the_scoring_batch_size(data, fitted, monkeypatch):
     _, target, _ = data
     detector, result = fitted
-    monkeypatch.setattr(detect, "_rows_per_batch", lambda n_genes: 7)
+    monkeypatch.setattr(detect, "dense_batch_rows", lambda n_genes: 7)
     small_batches = detector.score(target)
     np.testing.assert_allclose(small_batches.scores, result.scores, rtol=0, atol=1e-9)
     np.testing.assert_allclose(small_batches.residual_norm, result.residual_norm, rtol=1e-6)
@@ -205,7 +205,7 @@ def test_residual_statistics_hold_no_cells_by_genes_array_unless_asked(data, fit
     _, target, _ = data
     detector, _ = fitted
     many_cells = detect._as_csr(np.tile(target, (20, 1)))  # 4,800 cells × 60 genes
-    monkeypatch.setattr(detect, "_rows_per_batch", lambda n_genes: 64)
+    monkeypatch.setattr(detect, "dense_batch_rows", lambda n_genes: 64)
     feature_bytes = many_cells.shape[0] * many_cells.shape[1] * 4
 
     def peak_bytes(keep_features):
