@@ -338,7 +338,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def per_seed_rows(results: list[dict]) -> list[dict]:
+def per_seed_rows(results: list[dict], data: str = "demo") -> list[dict]:
     """Every run, unaggregated, with the command that reruns it alone."""
     rows = []
     for r in results:
@@ -361,7 +361,8 @@ def per_seed_rows(results: list[dict]) -> list[dict]:
                 "time s": f"{r['seconds']:.1f}",
                 "peak RSS MiB": f"{r['peak RSS MiB']:.0f}",
             }
-        row["rerun alone"] = f"`{common.reproduce_command(SCRIPT, {'seeds': [r['seed']], 'methods': [r['method']]})}`"
+        options = {"seeds": [r["seed"]], "methods": [r["method"]]} | ({"data": data} if data != "demo" else {})
+        row["rerun alone"] = f"`{common.reproduce_command(SCRIPT, options)}`"
         rows.append(row)
     return rows
 
@@ -437,7 +438,7 @@ def render(command: str, results: list[dict], code: str, data: str = "demo") -> 
             f"## Automatic k of `{FULL}`",
             "\n".join(f"- {reason}" for reason in reasons) or "(none)",
             "## Every run",
-            common.markdown_table(per_seed_rows(results)),
+            common.markdown_table(per_seed_rows(results, data)),
             "## Notes",
             "\n".join(f"- {n}" for n in notes(results) or ["none"]),
         ]
