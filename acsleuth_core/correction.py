@@ -210,7 +210,8 @@ def _on_normal(values: np.ndarray, normal: np.ndarray) -> np.ndarray:
 def _in_var_space(expression: sp.csr_matrix, genes: list[str], var_names: pd.Index) -> sp.csr_matrix:
     """Place model-gene columns at their positions among ``var_names``; other columns stay zero.
 
-    Only the column indices are remapped (no COO copy); a model on every gene, in order, is returned as is."""
+    Only the column indices are remapped (no COO copy); a model on every gene, in order, gets
+    ``expression`` itself back (the layer then shares it with the correction result)."""
     positions = var_names.get_indexer(genes)
     if (positions < 0).any():
         raise InputError("The result lacks some of the model's genes; it does not belong to this model.")

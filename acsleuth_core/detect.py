@@ -171,7 +171,7 @@ class AnomalyDetector:
             cancel=cancel,
         )
         self.generator.cpu()
-        self._gene_scale = self._residual_gene_scale(X_train)
+        self._gene_scale = self._residual_gene_scale(X_train, cancel)
         self._holdout = X[holdout_idx]
         self._similarity = ReferenceSimilarity.fit(X_train, seed=cfg.seed) if cfg.reference_similarity else None
         return self
@@ -294,15 +294,15 @@ class AnomalyDetector:
         for start in range(0, X.shape[0], batch_size):
             check_cancel(cancel)
             rows = slice(start, min(start + batch_size, X.shape[0]))
-            x = X[rows].toarray().astype(np.float32)
+            x = X[rows].toarray().astype(np.float32, copy=False)
             out = self.generator(torch.from_numpy(x))
             yield rows, x - out.expression.numpy(), out.latent.numpy()
 
-    def _residual_gene_scale(self, X: sp.csr_matrix) -> np.ndarray:
+    def _residual_gene_scale(self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None) -> np.ndarray:
         """Each gene's residual spread (RMS) over these cells, floored at the 10th percentile across
         genes; accumulated batch by batch, so no cells × genes array is held."""
         sum_of_squares = np.zeros(X.shape[1], dtype=np.float64)
-        for _, residual, _ in self._residual_batches(X):
+        for _, residual, _ in self._residual_batches(X, cancel):
             sum_of_squares += np.einsum("ij,ij->j", residual, residual, dtype=np.float64)
         scale = np.sqrt(sum_of_squares / X.shape[0])
         floor = max(float(np.quantile(scale, 0.1)), 1e-3)
@@ -458,8 +458,7 @@ def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def _mean_square(features: np.ndarray) -> np.ndarray:
     """Each row's mean square (float64 accumulation), floored so its log is finite."""
-    block = features.astype(np.float64)
-    return np.maximum(np.einsum("ij,ij->i", block, block) / features.shape[1], 1e-12)
+    return np.maximum(np.einsum("ij,ij->i", features, features, dtype=np.float64) / features.shape[1], 1e-12)
 
 
 def _log_positive(x: np.ndarray) -> np.ndarray:

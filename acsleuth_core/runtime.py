@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-#: values per dense array when cells are pushed through a network in batches: 8 M float32 = 32 MiB
+#: values per dense array when a sparse matrix is densified batch by batch: 8 M float32 = 32 MiB
 DENSE_BATCH_VALUES = 2**23
 
 
@@ -42,6 +42,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def dense_batch_rows(n_columns: int) -> int:
-    """Cells per batch when a sparse matrix is densified batch by batch (scoring, correcting): up to
-    :data:`DENSE_BATCH_VALUES` values per array, 64 to 2,048 cells, so wide data stays in bounds."""
+    """Cells per batch when a sparse matrix is densified batch by batch (scoring, correcting, projecting
+    on principal axes): about :data:`DENSE_BATCH_VALUES` values per array, 64 to 2,048 cells."""
     return int(np.clip(DENSE_BATCH_VALUES // max(n_columns, 1), 64, 2048))

@@ -202,7 +202,8 @@ class StyleTransfer:
         self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken] = None
     ) -> np.ndarray:
         """Only the corrected latent ``E(x) − S_b`` of cells (no decoding); ``batches=None``: reference cells."""
-        return np.vstack([self.generator.style_free_latent(x, codes).numpy() for x, codes in self._batches(X, batches, cancel)])
+        batches_of_cells = self._batches(X, batches, cancel)
+        return np.vstack([self.generator.style_free_latent(x, codes).numpy() for x, codes in batches_of_cells])
 
     def _batches(
         self, X: sp.spmatrix, batches: Optional[np.ndarray], cancel: Optional[CancelToken]

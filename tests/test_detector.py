@@ -179,7 +179,6 @@ def test_reference_scores_come_from_held_out_reference_cells(data, fitted):
     assert np.all((result.reference_scores >= 0) & (result.reference_scores <= 1))
 
 
-
 def test_dense_batches_are_sized_by_gene_count():
     assert runtime.dense_batch_rows(765) == 2048
     wide = runtime.dense_batch_rows(33_000)
@@ -221,6 +220,19 @@ def test_residual_statistics_hold_no_cells_by_genes_array_unless_asked(data, fit
     np.testing.assert_array_equal(lean.base_score, full.base_score)
     assert full_peak >= feature_bytes
     assert lean_peak < 0.6 * feature_bytes
+
+
+def test_gene_scale_accumulated_over_batches_is_each_genes_residual_rms(data, fitted, monkeypatch):
+    reference, _, _ = data
+    detector, _ = fitted
+    X = detect._as_csr(reference)
+    monkeypatch.setattr(detect, "dense_batch_rows", lambda n_genes: 7)  # 300 cells in 43 batches
+    residuals = detector.reconstruction_residuals(X).astype(np.float64)
+    rms = np.sqrt((residuals**2).mean(axis=0))
+    expected = np.maximum(rms, max(float(np.quantile(rms, 0.1)), 1e-3))
+    np.testing.assert_allclose(detector._residual_gene_scale(X), expected, rtol=1e-6)
+
+
 def test_training_history_has_one_value_per_epoch(fitted):
     detector, _ = fitted
     assert set(detector.history) == {"reconstruction", "generator", "critic", "wasserstein"}
