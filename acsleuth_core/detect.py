@@ -238,8 +238,8 @@ class AnomalyDetector:
 
     def _residual_view(
         self,
-        cells: "_ResidualStatistics",
-        holdout: "_ResidualStatistics",
+        cells: _ResidualStatistics,
+        holdout: _ResidualStatistics,
         generator_rng: torch.Generator,
         progress: Optional[ProgressCallback],
         cancel: Optional[CancelToken],
@@ -267,7 +267,7 @@ class AnomalyDetector:
 
     def _residual_statistics(
         self, X: sp.csr_matrix, cancel: Optional[CancelToken], *, keep_features: bool
-    ) -> "_ResidualStatistics":
+    ) -> _ResidualStatistics:
         """Per-cell base scores, raw residual norms and latents, batch by batch; the normalised,
         clipped residual features of every cell too when ``keep_features`` (a cells × genes array)."""
         clip = self.config.residual_clip
