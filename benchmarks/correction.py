@@ -49,7 +49,11 @@ same cells: the reference plus the target cells that are truly normal.
   ``latent, called-normal`` (``CorrectionResult.metrics``: module-I latent before,
   corrected latent after; the issue's acceptance metric: batch entropy ≥ 0.8 at
   k = 15 and label purity within 0.05 of before) and ``latent, true-normal``
-  (the same latents on the true-normal evaluation cells).
+  (the same latents on the true-normal evaluation cells). The same process also
+  runs ComBat (as below) and embeds its corrected expression with the run's
+  module-I encoder: ``ComBat, in ACsleuth's module-I latent``, scored on the
+  acceptance row's cells, so both methods are compared in one space (its time
+  is ComBat + encoding; its peak RSS is the shared process's).
 
 Evaluation space (expression rows): PCA (50 components, full SVD) of the
 centred log expression, fitted on the evaluated cells; "before" is always the
@@ -318,11 +322,16 @@ def correct_harmony(cells: Cells, seed: int) -> tuple[np.ndarray]:
 
 
 CORRECTIONS = {"uncorrected": correct_nothing, "ComBat": correct_combat, "Harmony": correct_harmony}
+#: ComBat's corrected expression embedded by the same run's module-I encoder, scored like the acceptance row
+COMBAT_IN_LATENT = "ComBat, in ACsleuth's module-I latent"
+ACCEPTANCE_ROW = "ACsleuth latent, called-normal (core)"
 
 
 def _measure_acsleuth(setting: Setting, setting_name: str, seed: int, normal_rows: np.ndarray, n_eval: int) -> list[dict]:
     """Detect then correct; rows for every evaluation of the one run (see the module docstring)."""
     import time
+
+    import scipy.sparse as sp
 
     from acsleuth_core import keys
     from acsleuth_core.correction import CorrectionConfig
@@ -349,11 +358,9 @@ def _measure_acsleuth(setting: Setting, setting_name: str, seed: int, normal_row
     reference_decoded = result.style.correct(cells.reference_X, None).expression
     rows = []
 
-    def add(method, target_rows, before, after):
-        rows.append(
-            row(method, setting_name, seed, cells.reference_X.shape[0] + len(target_rows), before, after, measurements)
-            | info
-        )
+    def add(method, target_rows, before, after, run_measurements=measurements):
+        n_cells = cells.reference_X.shape[0] + len(target_rows)
+        rows.append(row(method, setting_name, seed, n_cells, before, after, run_measurements) | info)
 
     before = expression_metrics(cells.reference_X, cells.target_X, normal_rows, cells)
     add("ACsleuth", normal_rows, before, expression_metrics(cells.reference_X, corrected, normal_rows, cells))
@@ -369,7 +376,7 @@ def _measure_acsleuth(setting: Setting, setting_name: str, seed: int, normal_row
         before,
         expression_metrics(reference_decoded, corrected, normal_rows, cells),
     )
-    add("ACsleuth latent, called-normal (core)", called_normal_rows, result.metrics["before"], result.metrics["after"])
+    add(ACCEPTANCE_ROW, called_normal_rows, result.metrics["before"], result.metrics["after"])
     latent = np.asarray(run.adata.obsm[keys.LATENT])
     evaluation = cells.evaluated(normal_rows)
     add(
@@ -377,6 +384,17 @@ def _measure_acsleuth(setting: Setting, setting_name: str, seed: int, normal_row
         normal_rows,
         metrics(np.vstack([result.reference_latent, latent[normal_rows]]), *evaluation),
         metrics(np.vstack([result.reference_corrected_latent, result.corrected_latent[normal_rows]]), *evaluation),
+    )
+    with common.Measured() as combat_measured:
+        combat = correct_combat(cells, seed)
+        n_ref = cells.reference_X.shape[0]
+        combat_latent = run.detector.encode(sp.csr_matrix(np.clip(combat, 0.0, None).astype(np.float32)))
+    add(
+        COMBAT_IN_LATENT,
+        called_normal_rows,
+        result.metrics["before"],
+        metrics(np.vstack([combat_latent[:n_ref], combat_latent[n_ref:][called_normal_rows]]), *cells.evaluated(called_normal_rows)),
+        combat_measured.as_dict(),
     )
     return rows
 
@@ -490,13 +508,22 @@ def per_seed_rows(results: list[dict]) -> list[dict]:
 
 
 def acsleuth_rows(results: list[dict]) -> list[dict]:
-    """One row per ACsleuth run: timings, calls, and the issue's acceptance check on the core metrics."""
+    """One row per ACsleuth run: timings, calls, and the issue's acceptance check on the core metrics.
+
+    The ComBat comparison is given twice: ComBat's sum in its own space (the ComBat row: PCA of its
+    corrected expression, true-normal cells, one deterministic value per setting) and in the same module-I
+    latent and on the same cells as the acceptance row (``COMBAT_IN_LATENT``, same run).
+    """
+    combat_in_latent = {(r["setting"], r["seed"]): r["mixing + purity"] for r in results if r["method"] == COMBAT_IN_LATENT}
+    combat_own = {r["setting"]: r["mixing + purity"] for r in results if r["method"] == "ComBat"}
     rows = []
     for r in results:
-        if r["method"] != "ACsleuth latent, called-normal (core)":
+        if r["method"] != ACCEPTANCE_ROW:
             continue
         purity_change = r["purity after"] - r["purity before"]
         accepted = r["entropy after"] >= ENTROPY_TARGET and purity_change >= -PURITY_TOLERANCE
+        same_space = combat_in_latent.get((r["setting"], r["seed"]))
+        own_space = combat_own.get(r["setting"])
         rows.append(
             {
                 "setting": r["setting"],
@@ -512,6 +539,9 @@ def acsleuth_rows(results: list[dict]) -> list[dict]:
                 "latent entropy after": f"{r['entropy after']:.3f}",
                 "purity change": f"{purity_change:+.3f}",
                 "acceptance": "pass" if accepted else "FAIL",
+                "sum": f"{r['mixing + purity']:.3f}",
+                "ComBat sum, same latent": "—" if same_space is None else f"{same_space:.3f}",
+                "ComBat sum, its PCA": "—" if own_space is None else f"{own_space:.3f}",
             }
         )
     return rows
@@ -538,7 +568,10 @@ def render(command: str, results: list[dict], code: str, compositions: dict[str,
         "## ACsleuth runs (detection + correction) and the acceptance check",
         "Acceptance (the issue's): batch entropy on the corrected latent ≥ 0.8 (k = 15) over the target cells "
         "called normal + the reference, with label purity within 0.05 of the module-I latent's (read one-sided: "
-        "purity may rise, it may not fall by more than 0.05; `purity change` shows the signed change).",
+        "purity may rise, it may not fall by more than 0.05; `purity change` shows the signed change). `sum` = "
+        "batch entropy + label purity after; ComBat's sum is shown in the same module-I latent on the same cells "
+        "(its corrected expression encoded by this run's module I) and in its own space (PCA of its corrected "
+        "expression, true-normal cells; needs `--methods ComBat`).",
         common.markdown_table(acsleuth_rows(ok)),
         "## Every run",
         common.markdown_table(per_seed_rows(results)),
