@@ -12,6 +12,15 @@ Candidates are searched after removing each batch's latent offset, estimated
 robustly (iterative nearest-reference median, like one translation-only
 iterative-closest-point fit) so a batch effect does not pick the wrong kin.
 The offsets also seed module III's style vectors.
+
+A kin is the candidate carrying most of the row's weight, under a capacity:
+no reference cell is the kin of more than ``kin_capacity`` times its fair
+share (targets / reference cells) of target cells. Without it a few reference
+cells on the edge of the reference cloud facing the target become the kin of
+dozens of targets (hubness of nearest neighbours in high dimensions; on
+CellBench, 213 targets had 40 distinct kins, one of them 30 times), module
+III then pulls those targets onto the same few points and batches stay
+apart. A target whose candidates are all full keeps its heaviest one.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ class KinConfig(GanTraining):
     batch_size: int = 256
     learning_rate: float = 0.01
     critic_learning_rate: Optional[float] = 1e-3
+    #: most targets one reference cell may be kin to, as a multiple of targets / reference cells; None: no limit
+    kin_capacity: Optional[float] = 2.0
 
 
 @dataclass
@@ -101,7 +112,8 @@ def find_kin_pairs(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> KinPairs:
-    """Pair each target cell with the reference cell that carries most of its non-negative mix.
+    """Pair each target cell with the reference cell that carries most of its non-negative mix
+    (within ``config.kin_capacity``: :func:`capacity_limited_choice`).
 
     ``target_latent`` and ``reference_latent`` are module-I embeddings (cells ×
     latent); ``batches`` names each target cell's batch. Returns the kin's row
@@ -130,7 +142,8 @@ def find_kin_pairs(
         KinTask(mapping, target), epoch_batches, adversarial, stage="module II", progress=progress, cancel=cancel
     )
     weights = mapping.row_weights()
-    return _pairs_from_weights(weights, candidates, len(reference_latent), offsets, history)
+    chosen = capacity_limited_choice(weights, candidates, len(reference_latent), config.kin_capacity)
+    return _pairs_from_weights(weights, candidates, chosen, len(reference_latent), offsets, history)
 
 
 def latent_offsets(
@@ -163,17 +176,50 @@ def _initial_weights(distances: np.ndarray) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def capacity_limited_choice(
+    weights: np.ndarray, candidates: np.ndarray, n_reference: int, capacity: Optional[float]
+) -> np.ndarray:
+    """Column (in ``candidates``) of each row's kin: its heaviest candidate with room left.
+
+    Each reference cell takes at most ``⌈capacity · rows / n_reference⌉`` rows.
+    Rows propose in rounds, heaviest remaining candidate first; a reference
+    cell accepts the heaviest proposals that fit. Rows left without room keep
+    their heaviest candidate. ``capacity=None``: every row's heaviest candidate.
+    """
+    ranked = np.argsort(-weights, axis=1, kind="stable")
+    if capacity is None:
+        return ranked[:, 0]
+    n_rows, n_candidates = weights.shape
+    room = np.full(n_reference, max(1, int(np.ceil(capacity * n_rows / n_reference))))
+    chosen = np.full(n_rows, -1)
+    for rank in range(n_candidates):
+        open_rows = np.nonzero(chosen < 0)[0]
+        if open_rows.size == 0:
+            break
+        columns = ranked[open_rows, rank]
+        proposed = candidates[open_rows, columns]
+        order = np.lexsort((-weights[open_rows, columns], proposed))  # by reference cell, heaviest first
+        proposed = proposed[order]
+        first_of_group = np.r_[0, np.nonzero(np.diff(proposed))[0] + 1]
+        place_in_queue = np.arange(proposed.size) - np.repeat(first_of_group, np.diff(np.r_[first_of_group, proposed.size]))
+        accepted = place_in_queue < room[proposed]
+        chosen[open_rows[order[accepted]]] = columns[order[accepted]]
+        np.subtract.at(room, proposed[accepted], 1)
+    unplaced = chosen < 0
+    chosen[unplaced] = ranked[unplaced, 0]
+    return chosen
+
+
 def _pairs_from_weights(
-    weights: np.ndarray, candidates: np.ndarray, n_reference: int, offsets: dict, history: dict
+    weights: np.ndarray, candidates: np.ndarray, chosen: np.ndarray, n_reference: int, offsets: dict, history: dict
 ) -> KinPairs:
-    best = weights.argmax(axis=1)
     rows = np.arange(len(weights))
     totals = weights.sum(axis=1)
-    confidence = np.divide(weights[rows, best], totals, out=np.zeros(len(weights)), where=totals > 0)
+    confidence = np.divide(weights[rows, chosen], totals, out=np.zeros(len(weights)), where=totals > 0)
     indptr = np.arange(0, weights.size + 1, weights.shape[1])
     mapping = sp.csr_matrix((weights.ravel(), candidates.ravel(), indptr), shape=(len(weights), n_reference))
     mapping.sum_duplicates()
     mapping.eliminate_zeros()
     return KinPairs(
-        kin=candidates[rows, best], confidence=confidence.astype(np.float32), mapping=mapping, offsets=offsets, history=history
+        kin=candidates[rows, chosen], confidence=confidence.astype(np.float32), mapping=mapping, offsets=offsets, history=history
     )

@@ -17,7 +17,7 @@ from acsleuth_core.correction import CorrectionConfig, correct_batches, correcti
 from acsleuth_core.demo import LABEL_KEY, load_demo
 from acsleuth_core.errors import InputError
 from acsleuth_core.export import write_h5ad
-from acsleuth_core.kin import KinConfig, find_kin_pairs, latent_offsets
+from acsleuth_core.kin import KinConfig, capacity_limited_choice, find_kin_pairs, latent_offsets
 from acsleuth_core.layout import AFTER, BEFORE, CELL, correction_layout, kin_segments
 from acsleuth_core.metrics import batch_entropy, correction_metrics, ilisi, label_purity
 from acsleuth_core.model_inputs import ModelInputs
@@ -90,6 +90,33 @@ def test_kin_pairs_recover_the_partner_of_shifted_copies():
     assert pairs.mapping.shape == (600, 1500)
     assert pairs.mapping.nnz <= 600 * KinConfig.n_candidates
     assert (pairs.mapping.data >= 0).all()
+
+
+def test_kin_capacity_caps_a_hub_and_keeps_everyone_else_on_their_heaviest_candidate():
+    rng = np.random.default_rng(5)
+    n_rows, n_reference = 900, 300
+    candidates = np.stack([rng.choice(np.arange(1, n_reference), 15, replace=False) for _ in range(n_rows)])
+    weights = rng.random((n_rows, 15))
+    hub_rows = np.arange(200)
+    candidates[hub_rows, 0] = 0  # reference cell 0 is the heaviest candidate of 200 rows
+    weights[hub_rows, 0] = 5.0 + rng.random(200)
+    chosen = capacity_limited_choice(weights, candidates, n_reference, capacity=2.0)
+    kin = candidates[np.arange(n_rows), chosen]
+    room = int(np.ceil(2.0 * n_rows / n_reference))
+    assert np.bincount(kin, minlength=n_reference).max() <= room
+    kept_on_hub = hub_rows[kin[hub_rows] == 0]
+    assert kept_on_hub.size == room
+    assert set(kept_on_hub) == set(np.argsort(-weights[hub_rows, 0])[:room])  # the strongest ties win
+    heaviest = weights.argmax(axis=1)
+    assert (chosen[200:] == heaviest[200:]).mean() > 0.9
+    assert (capacity_limited_choice(weights, candidates, n_reference, None) == heaviest).all()
+
+
+def test_rows_with_every_candidate_full_keep_their_heaviest():
+    candidates = np.tile([0, 1], (10, 1))  # ten rows, two reference cells with room for two each
+    weights = np.tile([0.9, 0.1], (10, 1))
+    chosen = capacity_limited_choice(weights, candidates, n_reference=10, capacity=2.0)
+    assert np.bincount(candidates[np.arange(10), chosen], minlength=2).tolist() == [8, 2]
 
 
 def test_latent_offsets_are_estimated_per_batch():
