@@ -200,8 +200,7 @@ def capacity_limited_choice(
         proposed = candidates[open_rows, columns]
         order = np.lexsort((-weights[open_rows, columns], proposed))  # by reference cell, heaviest first
         proposed = proposed[order]
-        first_of_group = np.r_[0, np.nonzero(np.diff(proposed))[0] + 1]
-        place_in_queue = np.arange(proposed.size) - np.repeat(first_of_group, np.diff(np.r_[first_of_group, proposed.size]))
+        place_in_queue = np.arange(proposed.size) - np.searchsorted(proposed, proposed)  # 0 for each cell's heaviest
         accepted = place_in_queue < room[proposed]
         chosen[open_rows[order[accepted]]] = columns[order[accepted]]
         np.subtract.at(room, proposed[accepted], 1)
