@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import keys
 from . import threshold as thr
 from .demo import load_demo
 from .detect import AnomalyDetector, DetectorConfig
-from .errors import ACsleuthError, InputError
-from .export import cell_table, write_h5ad, write_table
+from .errors import ACsleuthError, Cancelled, EmptyDataError, InputError
+from .export import atomic_path, cell_table, table_suffix, write_h5ad, write_table
 from .io import read_cells
 from .correction import CorrectionConfig
-from .pipeline import call_anomalies, correct_detection_run, detect_anomalies, subtype_detection_run
+from .pipeline import call_anomalies, correct_detection_run, detect_anomalies, drop_stage_keys, subtype_detection_run
 from .progress import ProgressEvent
 from .resemblance import describe_resemblance
 from .runtime import DEVICES
@@ -92,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status of a run whose detection was written but a later stage failed
+PARTIAL_EXIT = 3
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     reference = read_cells(args.reference)
     targets = {path.name.split(".")[0]: read_cells(path) for path in args.target}
     if len(targets) != len(args.target):
@@ -121,25 +128,88 @@ def _run(args: argparse.Namespace) -> int:
         call_anomalies(adata, "fraction", args.expected_fraction)
     elif args.threshold is not None:
         call_anomalies(adata, "manual", args.threshold)
-    n_batches = adata.obs[keys.BATCH].nunique()
-    if args.correct if args.correct is not None else n_batches > 1:
-        with _ProgressBar() as bar:
-            correction = correct_detection_run(
-                run, _correction_config(args), label_key=args.label_key, progress=bar.update
-            )
-        print(_describe_metrics(correction.metrics), file=sys.stderr)
-    if args.n_subtypes != 0:
-        _subtype(run, args)
-    write_h5ad(adata, args.out)
-    if args.table:
-        write_table(cell_table(adata), args.table)
+    _write_outputs(adata, args)  # the detection is safe on disk before the later stages start
     if args.save_model:
         run.detector.save(args.save_model)
+    n_batches = adata.obs[keys.BATCH].nunique()
+    stages = []
+    if args.correct if args.correct is not None else n_batches > 1:
+        stages.append((keys.CORRECTION, "batch correction", lambda: _correct(run, args)))
+    if args.n_subtypes != 0:
+        stages.append((keys.SUBTYPES, "subtypes", lambda: _subtype(run, args)))
+    failed = [name for stage, name, work in stages if not _later_stage(run, stage, name, work, args.out)]
+    if stages:
+        _write_outputs(adata, args)
     called = adata.uns[keys.UNS]["calls_per_batch"]
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
     print(thr.explain(adata.uns[keys.UNS]["threshold"])[0], file=sys.stderr)
+    if failed:
+        print(f"acsleuth: partial run: {' and '.join(failed)} failed; {args.out} holds what finished", file=sys.stderr)
+        return PARTIAL_EXIT
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that could not be written, before any work is done."""
+    if args.out.suffix.lower() != ".h5ad":
+        raise InputError(f"--out must name an .h5ad file, not {args.out.name}.")
+    outputs = [args.out]
+    if args.table:
+        table_suffix(args.table)
+        outputs.append(args.table)
+    for path in outputs:
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; name a file to write.")
+        _check_writable_folder(path.parent)
+    if args.save_model:
+        if args.save_model.exists() and not args.save_model.is_dir():
+            raise InputError(f"--save-model {args.save_model} is a file; name a folder to save the model in.")
+        _check_writable_folder(args.save_model)
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """``folder`` exists as a writable folder, or can be created under one."""
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write into {folder}: {existing} is not a writable folder. Choose another output place.")
+
+
+def _write_outputs(adata, args: argparse.Namespace) -> None:
+    write_h5ad(adata, args.out)
+    if args.table:
+        write_table(cell_table(adata), args.table)
+
+
+def _later_stage(run, stage: str, name: str, work: Callable[[], None], out: Path) -> bool:
+    """Run a stage after detection; on failure say so in one line, drop its half-written keys and return False.
+
+    The detection (and any stage before this one) stays in the output; the
+    failure is recorded under ``uns[keys.UNS][keys.FAILED_STAGES]`` and its
+    traceback written beside the output for a bug report.
+    """
+    try:
+        work()
+        return True
+    except Cancelled:
+        raise
+    except Exception as error:  # noqa: BLE001 - named to the user; the trace goes to a log file
+        drop_stage_keys(run.adata, stage)
+        cause = str(error) if isinstance(error, ACsleuthError) else f"{type(error).__name__}: {error}"
+        run.adata.uns[keys.UNS].setdefault(keys.FAILED_STAGES, {})[stage] = cause
+        log = out.with_name(out.name + ".error.log")
+        with atomic_path(log) as tmp:
+            tmp.write_text(traceback.format_exc())
+        print(f"acsleuth: {name} failed ({cause}); earlier results kept; details in {log}", file=sys.stderr)
+        return False
+
+
+def _correct(run, args: argparse.Namespace) -> None:
+    with _ProgressBar() as bar:
+        correction = correct_detection_run(run, _correction_config(args), label_key=args.label_key, progress=bar.update)
+    print(_describe_metrics(correction.metrics), file=sys.stderr)
 
 
 def _subtype(run, args: argparse.Namespace) -> None:
@@ -150,7 +220,7 @@ def _subtype(run, args: argparse.Namespace) -> None:
             result = subtype_detection_run(
                 run, config, reference_like_normal=not args.keep_reference_like, progress=bar.update
             )
-    except InputError as error:
+    except EmptyDataError as error:
         print(f"acsleuth: subtypes skipped: {error}", file=sys.stderr)
         return
     kept, found = len(result.kept_subtypes), result.subtypes.k_chosen

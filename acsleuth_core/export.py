@@ -12,6 +12,7 @@ import anndata as ad
 import pandas as pd
 
 from . import keys
+from .errors import InputError
 
 #: obs columns of the cell table, in order, when present.
 TABLE_COLUMNS = (
@@ -50,19 +51,29 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+#: file endings :func:`write_table` can write
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
+
+
+def table_suffix(path: str | os.PathLike) -> str:
+    """The table format ``path`` asks for (one of :data:`TABLE_SUFFIXES`), or an :class:`InputError` naming the fix."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise InputError(f"Cannot write a table to {path.name}: name it .csv, .tsv (optionally .gz) or .parquet.")
+    return suffix
+
+
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table atomically as CSV, TSV or Parquet, chosen by the file extension."""
     path = Path(path)
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    suffix = table_suffix(path)
+    compression = "gzip" if suffix.endswith(".gz") else None
     with atomic_path(path) as tmp:
-        if suffix in (".csv", ".csv.gz"):
-            table.to_csv(tmp, index=False, compression="gzip" if suffix.endswith(".gz") else None)
-        elif suffix in (".tsv", ".tsv.gz"):
-            table.to_csv(tmp, index=False, sep="\t", compression="gzip" if suffix.endswith(".gz") else None)
-        elif suffix == ".parquet":
+        if suffix == ".parquet":
             table.to_parquet(tmp, index=False)
         else:
-            raise ValueError(f"cannot write a table to {path.name}: use .csv, .tsv (optionally .gz) or .parquet")
+            table.to_csv(tmp, index=False, sep="\t" if suffix.startswith(".tsv") else ",", compression=compression)
     return path
 
 

@@ -44,6 +44,8 @@ SUBTYPE_LIKE_REFERENCE = "acsleuth_subtype_like_reference"
 FUSED = "X_acsleuth_fused"
 #: ``uns[UNS]`` entry: subtype parameters, chosen k and why, cluster sizes, marker genes.
 SUBTYPES = "subtypes"
+#: ``uns[UNS]`` entry: stages after detection that failed, stage → cause (the output holds what finished).
+FAILED_STAGES = "failed_stages"
 
 #: what each stage after detection writes, by AnnData slot (``uns`` entries live under ``uns[UNS]``)
 STAGE_KEYS = {

@@ -112,6 +112,17 @@ def subtype_detection_run(
     return result
 
 
+def drop_stage_keys(adata: ad.AnnData, stage: str) -> None:
+    """Remove whatever ``stage`` (``keys.CORRECTION`` or ``keys.SUBTYPES``) wrote into ``adata``; the call is
+    derived again without it."""
+    for slot, names in keys.STAGE_KEYS[stage].items():
+        container = adata.uns[keys.UNS] if slot == "uns" else getattr(adata, slot)
+        for name in names:
+            if name in container:
+                del container[name]
+    refresh_calls(adata)
+
+
 def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetector, prepared: PreparedData) -> None:
     """Write a detection result into ``adata`` under the documented keys."""
     adata.obs[keys.BATCH] = pd.Categorical(result.batches)

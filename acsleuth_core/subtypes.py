@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.metrics import silhouette_score
 from torch import nn
 
-from .errors import InputError
+from .errors import EmptyDataError, InputError
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel
 from .runtime import seed_everything
 
@@ -234,12 +235,12 @@ def find_subtypes(
 
 
 def check_enough_anomalies(n_cells: int, config: SubtypeConfig) -> Optional[int]:
-    """The fixed k (None for automatic), or an :class:`InputError` when ``n_cells`` cannot be split so."""
+    """The fixed k (None for automatic); an :class:`EmptyDataError` when ``n_cells`` cannot be split so."""
     fixed_k = None if config.n_subtypes == "auto" else int(config.n_subtypes)
     if fixed_k is not None and fixed_k < 1:
         raise InputError("The number of subtypes must be at least 1 (or 'auto').")
     if n_cells < (fixed_k or 3):
-        raise InputError(
+        raise EmptyDataError(
             f"Only {n_cells} cells are called anomalous, too few to split into "
             f"{fixed_k or 'several'} subtypes; lower the anomaly threshold or ask for fewer subtypes."
         )
@@ -278,15 +279,31 @@ def _kmeans(embedding: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def leiden_labels(embedding: np.ndarray, resolution: float, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
-    """Leiden clusters (0..k−1) of a kNN graph of ``embedding`` (scanpy's neighbours + leiden)."""
+    """Leiden clusters (0..k−1) of the UMAP-weighted kNN graph of ``embedding``, as scanpy builds it.
+
+    The neighbours come from :func:`neighbours.nearest` (exact for small data,
+    an approximate index for large, linear in cells either way; each cell
+    counts as its own first neighbour, as in ``scanpy.pp.neighbors``), their
+    weights from umap-learn's fuzzy simplicial set, and the partition from
+    scanpy's igraph Leiden on that adjacency.
+    """
     import anndata as ad
     import scanpy as sc
+    from umap.umap_ import fuzzy_simplicial_set
 
-    holder = ad.AnnData(np.zeros((embedding.shape[0], 1), dtype=np.float32))
-    holder.obsm["X_fused"] = np.asarray(embedding, dtype=np.float32)
-    n_neighbors = max(2, min(n_neighbors, embedding.shape[0] - 1))
-    sc.pp.neighbors(holder, n_neighbors=n_neighbors, use_rep="X_fused", random_state=seed)
-    sc.tl.leiden(holder, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    from .neighbours import nearest
+
+    points = np.asarray(embedding, dtype=np.float32)
+    n_neighbors = max(2, min(n_neighbors, points.shape[0] - 1))
+    indices, distances = nearest(points, points, n_neighbors, seed=seed)
+    connectivities, _, _ = fuzzy_simplicial_set(
+        sp.coo_matrix((points.shape[0], 1)), n_neighbors, None, None, knn_indices=indices, knn_dists=distances
+    )
+    holder = ad.AnnData(np.zeros((points.shape[0], 1), dtype=np.float32))
+    sc.tl.leiden(
+        holder, resolution=resolution, adjacency=sp.csr_matrix(connectivities), random_state=seed,
+        flavor="igraph", n_iterations=2, directed=False,
+    )
     return holder.obs["leiden"].astype(int).to_numpy()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from acsleuth_core import keys, resemblance
+from acsleuth_core import cli, keys, resemblance
 from acsleuth_core.calls import threshold_calls
 from acsleuth_core.cli import main
 
@@ -148,6 +148,46 @@ def test_too_few_anomalies_skip_subtypes_with_a_message_and_keep_the_run(demo_ru
     ])
     assert code == 0 and out.exists()
     assert "subtypes skipped" in capsys.readouterr().err
+
+
+def test_a_failing_later_stage_keeps_the_detection_and_exits_partial(demo_run, demo_files, tmp_path, capsys, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated failure in module IV")
+
+    monkeypatch.setattr(cli, "subtype_detection_run", crash)
+    _, _, model = demo_run
+    out, table = tmp_path / "partial.h5ad", tmp_path / "partial.csv"
+    code = main([
+        "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
+        "--out", str(out), "--table", str(table), "--model", str(model), "--expected-fraction", "0.25",
+    ])
+    assert code == cli.PARTIAL_EXIT
+    adata = ad.read_h5ad(out)
+    assert adata.obs[keys.ANOMALY].sum() > 0 and keys.SUBTYPE not in adata.obs
+    assert adata.uns[keys.UNS][keys.FAILED_STAGES] == {keys.SUBTYPES: "RuntimeError: simulated failure in module IV"}
+    assert len(pd.read_csv(table)) == adata.n_obs
+    err = capsys.readouterr().err
+    failures = [line for line in err.splitlines() if "failed" in line]
+    assert failures[0].startswith("acsleuth: subtypes failed (RuntimeError: simulated failure in module IV)")
+    assert "Traceback" not in err
+    assert "simulated failure" in (tmp_path / "partial.h5ad.error.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--table", "cells.xlsx", "name it .csv"), ("--out", "result.csv", "must name an .h5ad"), ("--out", "file.txt/out.h5ad", "not a writable folder")],
+)
+def test_output_paths_are_refused_before_any_work(tmp_path, monkeypatch, capsys, option, value, message):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+
+    def never(path):
+        raise AssertionError(f"{path} was read before the outputs were checked")
+
+    monkeypatch.setattr(cli, "read_cells", never)
+    args = {"--out": str(tmp_path / "o.h5ad")} | {option: str(tmp_path / value)}
+    code = main(["run", "--reference", "ref.h5ad", "--target", "t.h5ad", *[x for kv in args.items() for x in kv]])
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
