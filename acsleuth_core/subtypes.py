@@ -279,13 +279,15 @@ def _kmeans(embedding: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def leiden_labels(embedding: np.ndarray, resolution: float, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
-    """Leiden clusters (0..k−1) of the UMAP-weighted kNN graph of ``embedding``, as scanpy builds it.
+    """Leiden clusters (0..k−1) of the UMAP-weighted kNN graph of ``embedding``.
 
     The neighbours come from :func:`neighbours.nearest` (exact for small data,
     an approximate index for large, linear in cells either way; each cell
     counts as its own first neighbour, as in ``scanpy.pp.neighbors``), their
-    weights from umap-learn's fuzzy simplicial set, and the partition from
-    scanpy's igraph Leiden on that adjacency.
+    weights from umap-learn's fuzzy simplicial set (the graph scanpy's
+    ``method="umap"`` describes), and the partition from scanpy's igraph Leiden
+    on that adjacency. scanpy's own neighbour search is not used: its
+    large-data path fails on scipy's sparse arrays.
     """
     import anndata as ad
     import scanpy as sc
