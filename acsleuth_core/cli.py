@@ -27,6 +27,7 @@ from .progress import ProgressEvent
 from .resemblance import describe_resemblance
 from .runtime import DEVICES
 from .subtypes import SubtypeConfig
+from .views import VIEWS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -60,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=DEVICES)
     run.add_argument("--no-memory-bank", action="store_true", help="ablation: decode the latent directly")
     run.add_argument(
-        "--residual-only", action="store_true",
-        help="the paper's score: module I's MMD predictor on the residuals alone, without the reference-similarity view",
+        "--views", nargs="+", choices=VIEWS, default=list(VIEWS),
+        help="the views the score joins (default: all); '--views predictor' is the paper's score, module I's MMD "
+        "predictor on the residuals alone",
     )
     call = run.add_mutually_exclusive_group()
     call.add_argument("--expected-fraction", type=float, help="call this fraction of target cells anomalous")
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         memory_size=0 if args.no_memory_bank else DetectorConfig.memory_size,
-        reference_similarity=not args.residual_only,
+        views=tuple(args.views),
     )
     detector = AnomalyDetector.load(args.model) if args.model else None
     with _ProgressBar() as bar:
@@ -144,6 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{batch}: {n}" for batch, n in called.items())
     print(f"{int(adata.obs[keys.ANOMALY].sum())} of {adata.n_obs} cells called anomalous ({summary}); wrote {args.out}")
     print(thr.explain(adata.uns[keys.UNS]["threshold"])[0], file=sys.stderr)
+    shift = thr.shift_warning(
+        adata.obs[keys.SCORE].to_numpy(), adata.obs[keys.BATCH].astype(str).to_numpy(), adata.uns[keys.UNS]["reference_scores"]
+    )
+    if shift:
+        print(f"acsleuth: warning: {shift}", file=sys.stderr)
     if failed:
         print(f"acsleuth: partial run: {' and '.join(failed)} failed; {args.out} holds what finished", file=sys.stderr)
         return PARTIAL_EXIT

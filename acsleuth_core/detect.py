@@ -1,48 +1,32 @@
 """Module I: the reconstruction GAN trained on the reference, and anomaly scoring of targets.
 
-:class:`AnomalyDetector` is the user-facing estimator. ``fit`` trains the
-generator (encoder → memory bank → decoder) and critic on reference cells only,
-keeping a share of them out of every fit for calibration. ``score`` turns a
-target's reconstruction residuals into anomaly scores and makes the label-free
-call (:func:`threshold.label_free_threshold`), checked on the held-out
-reference cells, which are normal by definition.
+:class:`AnomalyDetector` is the user-facing estimator. ``fit`` cross-fits
+module I: the reference is split into ``folds`` parts and one model is
+trained on all parts but each one, so every reference cell can be scored by a
+model that never saw it. ``score`` reads three views off every cell
+(:mod:`views`: the residual mean square, the dissimilarity to the most similar
+reference cells, and the paper's MMD predictor on the residuals); a target
+cell's view is the mean over the fold models, a reference cell's comes from
+its own out-of-fold model. The score is a weighted mean of the standardised
+views, each weighted by how far the target's upper tail reaches past the
+reference's in it (:func:`views.tail_excess_weights`); the label-free call compares target scores with
+those of every reference cell (:func:`threshold.label_free_threshold`).
 
-In every score, residuals ``δ = x − x̂`` are first divided by each gene's
-residual spread on the reference, so no gene dominates because it is highly
-expressed; the *base score* is the log mean square of these normalised
-residuals.
+Residuals ``δ = x − x̂`` are divided by each gene's residual spread on the
+model's training cells, so no gene dominates because it is highly expressed.
 
-Default score (two views): the base score and the reference-similarity view
-(:mod:`similarity`) each become conformal p-values against the held-out cells,
-joined by Fisher's combination (:func:`_two_view_scores`). The MMD predictor is
-not used here: on real cell-line data (README, "Real data") it split the
-targets along plate and technology; without it the joined score's AUROC rose
-from 0.916 to 0.967 (CEL-seq2 reference) and from 0.879 to 0.948 (Drop-seq).
+Reproducibility: the reference is put in a canonical, content-defined row
+order before anything is trained (:func:`canonical_row_order`), so the same
+cells in another order give the same models; the folds are drawn from the seed.
 
-The paper's score (``reference_similarity=False``), in order:
-1. the base score's label-free call gives the warm-start labels of the
-   predictor; only when it calls nothing are the base score's ranks used;
-2. the predictor ``f_p`` is warm-started on those labels and trained with the
-   MMD objective (eq. 12) on the target;
-3. the predictor's call passes the self-check when its anchored mixture is
-   trusted (it calls at most ``threshold.MAX_REFERENCE_CALLED`` of the
-   held-out cells) or, failing that, the conformal BH fallback on its scores
-   still calls something. A predictor that fails has split the target along
-   some other structure (held-out reference cells land in its anomalous mode),
-   and the base score is called instead, as ``expit`` of the base score
-   standardised by the held-out cells' median and MAD.
-
-``Threshold.detail`` records the route: ``score`` (``"residual mean square"``
-with two views, else ``"predictor"`` or ``"base"``), for the paper's score
-``warm_start`` (``"mixture"``, ``"conformal_bh"`` or ``"rank"``) and, as a
-diagnostic, ``reference_in_anomalous_group`` (share of held-out cells with
-predictor ``p > 1/2``), the threshold's own ``route`` and ``reference_called``
-(share of held-out cells the final cut calls).
+What downstream modules read (``encode``, ``generator``, residuals) comes from
+the first fold model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +34,6 @@ from typing import ClassVar, Iterator, Optional
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import stats
 import torch
 
 from . import threshold as thr
@@ -61,17 +44,23 @@ from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, crit
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .runtime import dense_batch_rows, resolve_device, seed_everything
 from .similarity import ReferenceSimilarity
+from .views import VIEWS, ViewScores, combine, tail_excess_weights
 
 WEIGHTS_FILE = "module1.pt"
 CONFIG_FILE = "detector.json"
 CALIBRATION_FILE = "calibration.npz"
 #: keys of a threshold's ``detail`` that describe the score rather than the cut (kept when a cut is re-drawn)
-SCORE_DETAIL_KEYS = ("score", "views", "warm_start", "reference_in_anomalous_group")
+SCORE_DETAIL_KEYS = ("score", "views", "weights", "warm_start")
+#: the predictor trains on at most this many target cells (a seeded sample), then scores every cell
+MAX_PREDICTOR_CELLS = 20000
 
 
 @dataclass(frozen=True)
 class DetectorConfig(GanTraining):
-    """Hyperparameters of module I and of the scoring that follows it."""
+    """Hyperparameters of module I and of the scoring that follows it.
+
+    ``views``: the views the score joins (:data:`views.VIEWS`); ``("predictor",)`` is the paper's score.
+    """
 
     EPOCH_BOUNDS: ClassVar[tuple[int, int]] = (20, 400)
 
@@ -81,10 +70,17 @@ class DetectorConfig(GanTraining):
     temperature: Optional[float] = None
     dropout: float = 0.1
     target_steps: int = 2000
-    holdout_fraction: float = 0.2
+    folds: int = 2
     residual_clip: float = 10.0
-    reference_similarity: bool = True
+    views: tuple[str, ...] = VIEWS
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.views) - set(VIEWS))
+        if unknown or not self.views:
+            raise ValueError(f"views must be a non-empty subset of {', '.join(VIEWS)}, not {self.views!r}")
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2: every reference cell needs a model that did not see it")
 
     @property
     def use_memory_bank(self) -> bool:
@@ -93,7 +89,14 @@ class DetectorConfig(GanTraining):
     @classmethod
     def from_json(cls, data: dict) -> "DetectorConfig":
         data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise ModelError(
+                "This model was saved by an older version of ACsleuth (settings "
+                f"{', '.join(sorted(set(data) - known))} no longer exist): train it again."
+            )
         data["hidden_dims"] = tuple(data["hidden_dims"])
+        data["views"] = tuple(data["views"])
         data["predictor"] = PredictorConfig(**data["predictor"])
         return cls(**data)
 
@@ -109,17 +112,34 @@ class DetectionResult:
     batches: np.ndarray
     threshold: thr.Threshold
     reference_scores: np.ndarray
-    reference_dissimilarity: Optional[np.ndarray] = None
+    views: dict[str, ViewScores]
 
 
 @dataclass
-class _ResidualStatistics:
-    """What scoring reads off module I's residuals for a set of cells (rows in their order)."""
+class _FoldModel:
+    """One cross-fitting model: module I trained without one fold of the reference, and what it scores with."""
 
-    base_score: np.ndarray
-    residual_norm: np.ndarray
-    latent: np.ndarray
-    features: Optional[np.ndarray] = None
+    generator: ReconstructionGenerator
+    gene_scale: np.ndarray
+    similarity: ReferenceSimilarity
+
+    def residual_batches(
+        self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield ``(rows, x − x̂, latent)`` in row order, in batches whose dense arrays stay small."""
+        self.generator.eval()
+        batch_size = dense_batch_rows(X.shape[1])
+        with torch.no_grad():
+            for start in range(0, X.shape[0], batch_size):
+                check_cancel(cancel)
+                rows = slice(start, min(start + batch_size, X.shape[0]))
+                x = X[rows].toarray().astype(np.float32, copy=False)
+                out = self.generator(torch.from_numpy(x))
+                yield rows, x - out.expression.numpy(), out.latent.numpy()
+
+    def normalised(self, residual: np.ndarray, clip: float) -> np.ndarray:
+        """Residuals per gene scale, clipped at ``±clip``: what the views read."""
+        return np.clip(residual / self.gene_scale, -clip, clip)
 
 
 class AnomalyDetector:
@@ -128,11 +148,16 @@ class AnomalyDetector:
     def __init__(self, config: DetectorConfig = DetectorConfig()):
         self.config = config
         self.genes: list[str] = []
-        self.generator: Optional[ReconstructionGenerator] = None
         self.history: dict[str, list[float]] = {}
-        self._holdout: Optional[sp.csr_matrix] = None
-        self._gene_scale: Optional[np.ndarray] = None
-        self._similarity: Optional[ReferenceSimilarity] = None
+        self._models: list[_FoldModel] = []
+        self._reference: Optional[sp.csr_matrix] = None
+        self._folds: Optional[np.ndarray] = None
+
+    @property
+    def generator(self) -> ReconstructionGenerator:
+        """The first fold model's generator (what module III starts from)."""
+        self._require_fitted()
+        return self._models[0].generator
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -143,38 +168,50 @@ class AnomalyDetector:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> "AnomalyDetector":
-        """Train module I on log-normalised reference cells (cells × ``genes``)."""
+        """Train the fold models on log-normalised reference cells (cells × ``genes``)."""
         cfg = self.config
         X = _as_csr(reference)
         if X.shape[1] != len(genes):
             raise ValueError("the reference matrix and the gene list disagree in length")
-        generator_rng = seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
-        train_idx, holdout_idx = _split_holdout(X.shape[0], cfg.holdout_fraction, cfg.seed)
-        X_train = X[train_idx]
+        if X.shape[0] < 10 * cfg.folds:
+            raise ModelError(f"The reference has {X.shape[0]} cells; ACsleuth needs at least {10 * cfg.folds} normal reference cells.")
+        X = X[canonical_row_order(X)]
+        folds = fold_assignment(X.shape[0], cfg.folds, cfg.seed)
         self.genes = list(genes)
-        self.generator = _new_generator(cfg, len(genes)).to(device)
-        critic = critic_network(len(genes)).to(device)
-        adversarial = cfg.adversarial(X_train.shape[0])
-        batch_size = min(cfg.batch_size, X_train.shape[0])
+        n_epochs = [cfg.n_epochs(int(np.sum(folds != k))) for k in range(cfg.folds)]
+        self._models = []
+        for k in range(cfg.folds):
+            model, history = self._train_fold_model(
+                X[folds != k], seed=cfg.seed + k, progress=_offset_progress(progress, sum(n_epochs[:k]), sum(n_epochs)),
+                cancel=cancel,
+            )
+            self._models.append(model)
+            if k == 0:
+                self.history = history
+        self._reference, self._folds = X, folds
+        return self
+
+    def _train_fold_model(
+        self, X: sp.csr_matrix, *, seed: int, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]
+    ) -> tuple[_FoldModel, dict[str, list[float]]]:
+        cfg = self.config
+        generator_rng = seed_everything(seed)
+        device = resolve_device(cfg.device)
+        generator = _new_generator(cfg, X.shape[1]).to(device)
+        critic = critic_network(X.shape[1]).to(device)
+        batch_size = min(cfg.batch_size, X.shape[0])
 
         def epoch_batches() -> Iterator[torch.Tensor]:
-            for rows in shuffled_rows(X_train.shape[0], batch_size, generator_rng):
-                yield _dense(X_train[rows.numpy()], device)
+            for rows in shuffled_rows(X.shape[0], batch_size, generator_rng):
+                yield torch.from_numpy(X[rows.numpy()].toarray().astype(np.float32)).to(device)
 
-        self.history = train_adversarial(
-            ReconstructionTask(self.generator, critic),
-            epoch_batches,
-            adversarial,
-            stage="module I",
-            progress=progress,
-            cancel=cancel,
+        history = train_adversarial(
+            ReconstructionTask(generator, critic), epoch_batches, cfg.adversarial(X.shape[0]),
+            stage="module I", progress=progress, cancel=cancel,
         )
-        self.generator.cpu()
-        self._gene_scale = self._residual_gene_scale(X_train, cancel)
-        self._holdout = X[holdout_idx]
-        self._similarity = ReferenceSimilarity.fit(X_train, seed=cfg.seed) if cfg.reference_similarity else None
-        return self
+        model = _FoldModel(generator.cpu(), np.ones(X.shape[1], dtype=np.float32), ReferenceSimilarity.fit(X, seed=seed))
+        model.gene_scale = _residual_gene_scale(model, X, cancel)
+        return model, history
 
     # ----------------------------------------------------------------- scoring
     def score(
@@ -185,16 +222,12 @@ class AnomalyDetector:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> DetectionResult:
-        """Anomaly scores, calls, residual norms and latents for target cells.
+        """Anomaly scores, calls, residual norms, latents and every view for target cells.
 
-        By default the score joins two views of each cell, each turned into a
-        conformal p-value against the held-out reference cells: module I's
-        (the mean square of the normalised reconstruction residuals) and how
-        unlike its most similar reference cells the cell is
-        (:mod:`similarity`); ``score = 1 − p`` with ``p`` Fisher's combination
-        of the two. With ``reference_similarity`` off it is the paper's score,
-        ``σ(logit)`` of the MMD predictor on the residuals (steps 2–4 of the
-        module docstring).
+        The score is the weighted mean of the configured views, each
+        standardised by the reference cells' median and MAD and weighted by its
+        tail excess (:mod:`views`); the reference cells' own scores, out of
+        fold, calibrate the call.
         """
         self._require_fitted()
         cfg = self.config
@@ -205,144 +238,149 @@ class AnomalyDetector:
                 "prepare the target with the model's gene list."
             )
         batches = np.asarray(batches if batches is not None else np.full(X.shape[0], "target"), dtype=str)
-        keep_features = self._similarity is None  # only the predictor reads every residual feature
-        cells = self._residual_statistics(X, cancel, keep_features=keep_features)
-        holdout = self._residual_statistics(self._holdout, cancel, keep_features=keep_features)
-        dissimilarity = None
-        if self._similarity is None:
-            logits, holdout_logits, route = self._residual_view(
-                cells, holdout, seed_everything(cfg.seed + 1), progress, cancel
-            )
-            scores, reference_scores = thr.expit(logits), thr.expit(holdout_logits)
-        else:
-            check_cancel(cancel)
-            dissimilarity = self._similarity.dissimilarity(X)
-            holdout_dissimilarity = self._similarity.dissimilarity(self._holdout)
-            scores, reference_scores = _two_view_scores(
-                (cells.base_score, holdout.base_score),
-                (_log_positive(dissimilarity), _log_positive(holdout_dissimilarity)),
-            )
-            route = {"score": "residual mean square", "views": "residual + reference similarity (Fisher)"}
-        threshold = thr.label_free_threshold(scores, reference_scores)
-        threshold = dataclasses.replace(threshold, detail=threshold.detail | route)
+        target_stats = self._ensemble_statistics(X, cancel)
+        reference_stats = self._out_of_fold_statistics(cancel)
+        views = {
+            "residual": ViewScores(target_stats.base_score, reference_stats.base_score),
+            "similarity": ViewScores(_log_positive(target_stats.dissimilarity), _log_positive(reference_stats.dissimilarity)),
+        }
+        description = {"score": "weighted mean of standardised views", "views": ", ".join(cfg.views)}
+        if "predictor" in cfg.views:
+            warm_views = {n: views[n] for n in ("residual", "similarity")}
+            views["predictor"], description["warm_start"] = self._predictor_view(X, warm_views, progress, cancel)
+        chosen = {name: views[name] for name in cfg.views}
+        weights = tail_excess_weights(chosen)
+        description["weights"] = {name: round(w / sum(weights.values()), 4) for name, w in weights.items()}
+        joined = combine(chosen, weights)
+        threshold = thr.label_free_threshold(joined.target, joined.reference)
+        threshold = dataclasses.replace(threshold, detail=threshold.detail | description)
         return DetectionResult(
-            scores=scores,
-            calls=thr.call(scores, threshold),
-            residual_norm=cells.residual_norm,
-            latent=cells.latent,
+            scores=joined.target,
+            calls=thr.call(joined.target, threshold),
+            residual_norm=target_stats.residual_norm,
+            latent=target_stats.latent,
             batches=batches,
             threshold=threshold,
-            reference_scores=reference_scores,
-            reference_dissimilarity=dissimilarity,
+            reference_scores=joined.reference,
+            views=views,
         )
 
-    def _residual_view(
+    def _predictor_view(
         self,
-        cells: _ResidualStatistics,
-        holdout: _ResidualStatistics,
-        generator_rng: torch.Generator,
+        X: sp.csr_matrix,
+        warm_views: dict[str, ViewScores],
         progress: Optional[ProgressCallback],
         cancel: Optional[CancelToken],
-    ) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Module I's evidence on a logit scale, for targets and held-out cells: the MMD predictor's
-        logits, or the standardised residual mean square when the predictor's call fails its check."""
-        features, holdout_features = cells.features, holdout.features
-        base, base_holdout = cells.base_score, holdout.base_score
-        warm, warm_route = _warm_start_targets(base, base_holdout)
+    ) -> tuple[ViewScores, str]:
+        """The paper's score: the MMD predictor trained on the target's residual features, warm-started on the
+        other views' call, applied to target and out-of-fold reference cells.
+
+        Reference cells' features come from one model (the one that did not see them), so the predictor
+        reads every cell through one model at a time: it trains on each fold model's features of (a sample
+        of) the target, and a target cell's logit is the mean over the fold models. Eq. 12 does not say
+        which of its two groups is the anomalous one: it is the group that holds a larger share of the
+        target than of the reference (:func:`_orient_by_reference`).
+        """
+        cfg = self.config
+        generator_rng = seed_everything(cfg.seed + cfg.folds)
+        warm = combine(warm_views)
+        called = thr.call(warm.target, thr.label_free_threshold(warm.target, warm.reference))
+        if called.any() and not called.all():
+            targets, route = called.astype(np.float64), "call of the other views"
+        else:
+            targets, route = _ranks(warm.target), "rank of the other views"
+        rows = np.arange(X.shape[0])
+        per_model = max(1, MAX_PREDICTOR_CELLS // cfg.folds)
+        if rows.size > per_model:
+            rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, per_model, replace=False))
+        features = np.vstack([self._features(model, X[rows], cancel) for model in self._models])
         predictor = fit_predictor(
-            features, warm, self.config.predictor, generator=generator_rng, progress=progress, cancel=cancel
+            features, np.tile(targets[rows], cfg.folds), cfg.predictor, generator=generator_rng,
+            progress=progress, cancel=cancel,
         )
-        logits = predict_logits(predictor, features)
-        reference_logits = predict_logits(predictor, holdout_features)
-        route = {
-            "score": "predictor",
-            "warm_start": warm_route,
-            "reference_in_anomalous_group": float(np.mean(reference_logits > 0)),
-        }
-        predictor_call = thr.label_free_threshold(thr.expit(logits), thr.expit(reference_logits))
-        if _passes_self_check(predictor_call, thr.expit(logits)):
-            return logits, reference_logits, route
-        route["score"] = "base"
-        return _standardise(base, base_holdout), _standardise(base_holdout, base_holdout), route
+        del features
+        target_logits = np.zeros(X.shape[0])
+        for start in range(0, X.shape[0], per_model):
+            chunk = X[start : start + per_model]
+            for model in self._models:
+                target_logits[start : start + chunk.shape[0]] += predict_logits(predictor, self._features(model, chunk, cancel))
+        target_logits /= cfg.folds
+        reference_logits = np.empty(self._reference.shape[0])
+        for k, model in enumerate(self._models):
+            in_fold = np.nonzero(self._folds == k)[0]
+            reference_logits[in_fold] = predict_logits(predictor, self._features(model, self._reference[in_fold], cancel))
+        return _orient_by_reference(ViewScores(target_logits, reference_logits)), route
 
-    def _residual_statistics(
-        self, X: sp.csr_matrix, cancel: Optional[CancelToken], *, keep_features: bool
-    ) -> _ResidualStatistics:
-        """Per-cell base scores, raw residual norms and latents, batch by batch; the normalised,
-        clipped residual features of every cell too when ``keep_features`` (a cells × genes array)."""
-        clip = self.config.residual_clip
-        mean_square = np.empty(X.shape[0], dtype=np.float64)
-        norms = np.empty(X.shape[0], dtype=np.float64)
-        latent = np.empty((X.shape[0], self.config.latent_dim), dtype=np.float32)
-        features = np.empty(X.shape, dtype=np.float32) if keep_features else None
-        for rows, residual, z in self._residual_batches(X, cancel):
-            norms[rows] = np.linalg.norm(residual, axis=1)
-            normalised = np.clip(residual / self._gene_scale, -clip, clip)
-            mean_square[rows] = _mean_square(normalised)
-            latent[rows] = z
-            if features is not None:
-                features[rows] = normalised
-        return _ResidualStatistics(np.log(mean_square), norms, latent, features)
+    def _ensemble_statistics(self, X: sp.csr_matrix, cancel: Optional[CancelToken]) -> "_Statistics":
+        """Every fold model's statistics of these cells, averaged; latent and residual norm of the first model."""
+        per_model = [_statistics(model, X, self.config, cancel) for model in self._models]
+        first = per_model[0]
+        return _Statistics(
+            base_score=np.mean([s.base_score for s in per_model], axis=0),
+            dissimilarity=np.mean([s.dissimilarity for s in per_model], axis=0),
+            residual_norm=first.residual_norm,
+            latent=first.latent,
+        )
 
-    @torch.no_grad()
-    def _residual_batches(
-        self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None
-    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield ``(rows, x − x̂, latent)`` in row order, in batches whose dense arrays stay small however many genes."""
-        self.generator.eval()
-        batch_size = dense_batch_rows(X.shape[1])
-        for start in range(0, X.shape[0], batch_size):
-            check_cancel(cancel)
-            rows = slice(start, min(start + batch_size, X.shape[0]))
-            x = X[rows].toarray().astype(np.float32, copy=False)
-            out = self.generator(torch.from_numpy(x))
-            yield rows, x - out.expression.numpy(), out.latent.numpy()
+    def _out_of_fold_statistics(self, cancel: Optional[CancelToken]) -> "_Statistics":
+        """Statistics of every reference cell from the fold model that did not train on it."""
+        n = self._reference.shape[0]
+        base, dissimilarity = np.empty(n), np.empty(n)
+        for k, model in enumerate(self._models):
+            in_fold = np.nonzero(self._folds == k)[0]
+            stats_k = _statistics(model, self._reference[in_fold], self.config, cancel)
+            base[in_fold], dissimilarity[in_fold] = stats_k.base_score, stats_k.dissimilarity
+        return _Statistics(base, dissimilarity, np.empty(0), np.empty((0, 0)))
 
-    def _residual_gene_scale(self, X: sp.csr_matrix, cancel: Optional[CancelToken] = None) -> np.ndarray:
-        """Each gene's residual spread (RMS) over these cells, floored at the 10th percentile across
-        genes; accumulated batch by batch, so no cells × genes array is held."""
-        sum_of_squares = np.zeros(X.shape[1], dtype=np.float64)
-        for _, residual, _ in self._residual_batches(X, cancel):
-            sum_of_squares += np.einsum("ij,ij->j", residual, residual, dtype=np.float64)
-        scale = np.sqrt(sum_of_squares / X.shape[0])
-        floor = max(float(np.quantile(scale, 0.1)), 1e-3)
-        return np.maximum(scale, floor).astype(np.float32)
+    def _features(self, model: _FoldModel, X: sp.csr_matrix, cancel: Optional[CancelToken]) -> np.ndarray:
+        features = np.empty(X.shape, dtype=np.float32)
+        for rows, residual, _ in model.residual_batches(X, cancel):
+            features[rows] = model.normalised(residual, self.config.residual_clip)
+        return features
+
+    def _ensemble_features(self, X: sp.csr_matrix, cancel: Optional[CancelToken]) -> np.ndarray:
+        """The fold models' normalised residual features of these cells, averaged (cells × genes)."""
+        total = self._features(self._models[0], X, cancel)
+        for model in self._models[1:]:
+            total += self._features(model, X, cancel)
+        return total / len(self._models)
 
     @torch.no_grad()
     def encode(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
-        """Module-I latent vectors of cells on the model's genes."""
+        """Module-I latent vectors of cells on the model's genes (first fold model)."""
         self._require_fitted()
-        return np.vstack([z for _, _, z in self._residual_batches(_as_csr(X))])
+        return np.vstack([z for _, _, z in self._models[0].residual_batches(_as_csr(X))])
 
     def reconstruction_residuals(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
-        """``x − x̂`` of cells on the model's genes (module I's reconstruction residuals)."""
+        """``x − x̂`` of cells on the model's genes (first fold model)."""
         self._require_fitted()
-        return np.vstack([residual for _, residual, _ in self._residual_batches(_as_csr(X))])
+        return np.vstack([residual for _, residual, _ in self._models[0].residual_batches(_as_csr(X))])
 
     def residual_features(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
-        """The residuals as the anomaly predictor reads them: ``x − x̂`` per gene scale, clipped."""
+        """The residuals as the predictor reads them: ``x − x̂`` per gene scale, clipped, averaged over the fold models."""
         self._require_fitted()
-        return self._residual_statistics(_as_csr(X), None, keep_features=True).features
+        return self._ensemble_features(_as_csr(X), None)
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
-        """Write weights, hyperparameters + genes (JSON) and calibration arrays into ``folder``."""
+        """Write every fold model's weights, hyperparameters + genes (JSON) and the calibration arrays into ``folder``."""
         self._require_fitted()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.generator.state_dict(), folder / WEIGHTS_FILE)
+        torch.save({f"fold_{k}": m.generator.state_dict() for k, m in enumerate(self._models)}, folder / WEIGHTS_FILE)
         meta = {"config": self.config.to_json(), "genes": self.genes, "history": self.history}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        h = self._holdout
-        np.savez_compressed(
-            folder / CALIBRATION_FILE,
-            holdout_data=h.data,
-            holdout_indices=h.indices,
-            holdout_indptr=h.indptr,
-            holdout_shape=np.array(h.shape),
-            gene_scale=self._gene_scale,
-            **(self._similarity.to_arrays() if self._similarity is not None else {}),
-        )
+        arrays = {
+            "reference_data": self._reference.data,
+            "reference_indices": self._reference.indices,
+            "reference_indptr": self._reference.indptr,
+            "reference_shape": np.array(self._reference.shape),
+            "folds": self._folds,
+        }
+        for k, model in enumerate(self._models):
+            arrays[f"fold_{k}_gene_scale"] = model.gene_scale
+            arrays |= {f"fold_{k}_{name}": value for name, value in model.similarity.to_arrays().items()}
+        np.savez_compressed(folder / CALIBRATION_FILE, **arrays)
         return folder
 
     @classmethod
@@ -356,22 +394,87 @@ class AnomalyDetector:
         detector = cls(DetectorConfig.from_json(meta["config"]))
         detector.genes = list(meta["genes"])
         detector.history = meta.get("history", {})
-        detector.generator = _new_generator(detector.config, len(detector.genes))
-        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        detector.generator.load_state_dict(state)
-        detector.generator.eval()
+        states = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         with np.load(folder / CALIBRATION_FILE, allow_pickle=False) as cal:
-            detector._holdout = sp.csr_matrix(
-                (cal["holdout_data"], cal["holdout_indices"], cal["holdout_indptr"]), shape=tuple(cal["holdout_shape"])
+            detector._reference = sp.csr_matrix(
+                (cal["reference_data"], cal["reference_indices"], cal["reference_indptr"]),
+                shape=tuple(cal["reference_shape"]),
             )
-            detector._gene_scale = cal["gene_scale"]
-            if detector.config.reference_similarity and "similarity_axes" in cal.files:
-                detector._similarity = ReferenceSimilarity.from_arrays(cal)
+            detector._folds = cal["folds"]
+            for k in range(detector.config.folds):
+                generator = _new_generator(detector.config, len(detector.genes))
+                generator.load_state_dict(states[f"fold_{k}"])
+                generator.eval()
+                prefix = f"fold_{k}_"
+                similarity = ReferenceSimilarity.from_arrays(
+                    {name.removeprefix(prefix): cal[name] for name in cal.files if name.startswith(prefix)}
+                )
+                detector._models.append(_FoldModel(generator, cal[f"fold_{k}_gene_scale"], similarity))
         return detector
 
     def _require_fitted(self) -> None:
-        if self.generator is None:
+        if not self._models:
             raise ModelError("The detector has not been trained yet: call fit() or load a saved model.")
+
+
+@dataclass
+class _Statistics:
+    """What scoring reads off one model (or the fold models' mean) for a set of cells, rows in their order."""
+
+    base_score: np.ndarray
+    dissimilarity: np.ndarray
+    residual_norm: np.ndarray
+    latent: np.ndarray
+
+
+def _statistics(model: _FoldModel, X: sp.csr_matrix, config: DetectorConfig, cancel: Optional[CancelToken]) -> _Statistics:
+    """Per-cell base scores (log mean square of the normalised residuals), residual norms, latents and
+    reference dissimilarity of one fold model, batch by batch."""
+    mean_square = np.empty(X.shape[0], dtype=np.float64)
+    norms = np.empty(X.shape[0], dtype=np.float64)
+    latent = np.empty((X.shape[0], config.latent_dim), dtype=np.float32)
+    for rows, residual, z in model.residual_batches(X, cancel):
+        norms[rows] = np.linalg.norm(residual, axis=1)
+        mean_square[rows] = _mean_square(model.normalised(residual, config.residual_clip))
+        latent[rows] = z
+    check_cancel(cancel)
+    return _Statistics(np.log(mean_square), model.similarity.dissimilarity(X), norms, latent)
+
+
+def _residual_gene_scale(model: _FoldModel, X: sp.csr_matrix, cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Each gene's residual spread (RMS) over these cells, floored at the 10th percentile across
+    genes; accumulated batch by batch, so no cells × genes array is held."""
+    sum_of_squares = np.zeros(X.shape[1], dtype=np.float64)
+    for _, residual, _ in model.residual_batches(X, cancel):
+        sum_of_squares += np.einsum("ij,ij->j", residual, residual, dtype=np.float64)
+    scale = np.sqrt(sum_of_squares / X.shape[0])
+    floor = max(float(np.quantile(scale, 0.1)), 1e-3)
+    return np.maximum(scale, floor).astype(np.float32)
+
+
+def canonical_row_order(X: sp.csr_matrix) -> np.ndarray:
+    """An order of the rows defined by their contents alone (a hash of each row's stored entries), so
+    training does not depend on the order the cells came in; identical rows keep their relative order."""
+    X = X.tocsr()
+    X.sort_indices()
+    keys = np.empty(X.shape[0], dtype=np.uint64)
+    for i in range(X.shape[0]):
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        digest = hashlib.blake2b(X.indices[lo:hi].tobytes() + X.data[lo:hi].tobytes(), digest_size=8).digest()
+        keys[i] = int.from_bytes(digest, "little")
+    return np.argsort(keys, kind="stable")
+
+
+def fold_assignment(n_cells: int, folds: int, seed: int) -> np.ndarray:
+    """Each cell's fold, 0 … ``folds − 1``, in sizes differing by at most one, drawn from ``seed``."""
+    return np.random.default_rng(seed).permutation(n_cells) % folds
+
+
+def _offset_progress(progress: Optional[ProgressCallback], done: int, total: int) -> Optional[ProgressCallback]:
+    """Report one fold model's epochs as part of all fold models' epochs."""
+    if progress is None:
+        return None
+    return lambda event: progress(dataclasses.replace(event, epoch=done + event.epoch, n_epochs=total))
 
 
 def _new_generator(config: DetectorConfig, n_genes: int) -> ReconstructionGenerator:
@@ -389,71 +492,18 @@ def _as_csr(X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(X, dtype=np.float32)
 
 
-def _dense(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(X.toarray().astype(np.float32)).to(device)
+def _orient_by_reference(view: ViewScores) -> ViewScores:
+    """Flip the predictor's logits when its anomalous group (logit > 0) holds a smaller share of the target
+    than of the reference: the group a cell type missing from the reference falls in is target-enriched."""
+    if np.mean(view.target > 0) < np.mean(view.reference > 0):
+        return view.map(np.negative)
+    return view
 
 
-def _split_holdout(n_cells: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random train / held-out split of reference cells; at least 10 held out and 10 to train on."""
-    if n_cells < 20:
-        raise ModelError(f"The reference has {n_cells} cells; ACsleuth needs at least 20 normal reference cells.")
-    n_holdout = int(np.clip(round(n_cells * fraction), 10, n_cells - 10))
-    order = np.random.default_rng(seed).permutation(n_cells)
-    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from scipy import stats
 
-
-def _warm_start_targets(base: np.ndarray, base_holdout: np.ndarray) -> tuple[np.ndarray, str]:
-    """Soft labels that orient the predictor, and how they were made.
-
-    ``"mixture"``: the anchored mixture's posterior on the base score, when the
-    mixture passes :func:`threshold.mixture_is_trusted`; ``"conformal_bh"``:
-    1 for the cells Benjamini–Hochberg calls on conformal p-values against the
-    held-out cells, 0 for the rest; ``"rank"``: the base score's rank in [0, 1]
-    when neither calls any cell.
-    """
-    mixture = thr.fit_anchored_mixture(base, base_holdout)
-    if thr.mixture_is_trusted(mixture, base_holdout):
-        return mixture.posterior(base), "mixture"
-    called = base > thr.conformal_bh_cut(base, base_holdout)
-    if called.any():
-        return called.astype(np.float64), "conformal_bh"
-    return stats.rankdata(base) / base.size, "rank"
-
-
-def _two_view_scores(*views: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of target and held-out cells from ``(target, held-out)`` statistics of each view (high = anomalous).
-
-    Each view becomes a conformal p-value against the held-out cells (leave
-    one out for the held-out cells themselves), which caps the evidence any
-    one view can give; ``score = 1 − `` Fisher's combination. Capped p-values
-    tie (cells beyond every held-out cell in both views): ties are broken by
-    the views' standardised sum, within the gap to the next score, so no other
-    order changes and a fraction or manual cut can still split them.
-    """
-    n_targets = views[0][0].size
-    combined = np.concatenate([
-        1.0 - thr.fisher_combined(*(thr.conformal_pvalues(t, h) for t, h in views)),
-        1.0 - thr.fisher_combined(*(thr.held_out_pvalues(h) for _, h in views)),
-    ]).round(12)  # equal p-values in another order differ by rounding only: make them tie
-    evidence = sum(_standardise(np.concatenate([t, h]), h) for t, h in views) / len(views)
-    squashed = 0.5 + 0.5 * evidence / (1.0 + np.abs(evidence))  # into (0, 1); unlike σ, no plateau far out
-    levels = np.unique(combined)
-    room = np.append(levels[1:], 1.0)[np.searchsorted(levels, combined)] - combined
-    scores = combined + 0.5 * room * squashed
-    return scores[:n_targets], scores[n_targets:]
-
-
-def _passes_self_check(threshold: thr.Threshold, scores: np.ndarray) -> bool:
-    """Whether the predictor's label-free call is validated by the held-out reference cells:
-    its anchored mixture was trusted (it calls at most ``MAX_REFERENCE_CALLED`` of them, see
-    :func:`threshold.mixture_is_trusted`), or the conformal BH fallback still calls some cells."""
-    return threshold.detail["route"] == "mixture" or bool(thr.call(scores, threshold).any())
-
-
-def _standardise(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``(x − median) / MAD`` of ``reference`` (normal-consistent MAD, floored)."""
-    scale = max(float(stats.median_abs_deviation(reference, scale="normal")), 1e-6)
-    return (np.asarray(x, dtype=np.float64) - float(np.median(reference))) / scale
+    return stats.rankdata(x) / x.size
 
 
 def _mean_square(features: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from .errors import InputError
 
 #: obs columns of the cell table, in order, when present.
 TABLE_COLUMNS = (
-    keys.BATCH, keys.SCORE, keys.ANOMALY, keys.RESIDUAL_NORM, keys.REFERENCE_DISSIMILARITY, keys.KIN, keys.KIN_CONFIDENCE,
+    keys.BATCH, keys.SCORE, keys.ANOMALY, keys.PVALUE, keys.RESIDUAL_NORM, *keys.VIEW_COLUMNS.values(), keys.KIN, keys.KIN_CONFIDENCE,
     keys.SUBTYPE, keys.SUBTYPE_CONFIDENCE, keys.SUBTYPE_LIKE_REFERENCE,
 )
 

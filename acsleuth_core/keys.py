@@ -13,8 +13,16 @@ ANOMALY = "acsleuth_anomaly"
 BATCH = "acsleuth_batch"
 #: ``obs``: plain reconstruction-residual norm (diagnostic, reported beside the score).
 RESIDUAL_NORM = "acsleuth_residual_norm"
-#: ``obs``: 1 − mean cosine similarity to the most similar reference cells (the score's second view).
-REFERENCE_DISSIMILARITY = "acsleuth_reference_dissimilarity"
+#: ``obs``: each view of the score (acsleuth_core.views), standardised by the reference cells (0 = a typical
+#: reference cell, in units of their MAD): reconstruction residual, dissimilarity to the most similar reference
+#: cells, the paper's MMD predictor.
+VIEW_COLUMNS = {
+    "residual": "acsleuth_residual_view",
+    "similarity": "acsleuth_similarity_view",
+    "predictor": "acsleuth_predictor_view",
+}
+#: ``obs``: p-value of the score against every reference cell's out-of-fold score (threshold.tail_pvalues; the call's input).
+PVALUE = "acsleuth_pvalue"
 #: ``obsm``: module-I latent embedding.
 LATENT = "X_acsleuth"
 #: ``uns``: parameters, threshold, training curves and versions.

@@ -30,6 +30,7 @@ from .model_inputs import ModelInputs
 from .preprocess import PreparedData, prepare
 from .progress import CancelToken, ProgressCallback
 from .subtypes import SubtypeConfig
+from .views import standardised
 from .subtyping import SubtypeResult, annotate_subtypes, subtype_anomalies
 
 
@@ -129,8 +130,9 @@ def annotate(adata: ad.AnnData, result: DetectionResult, detector: AnomalyDetect
     adata.obs[keys.SCORE] = result.scores
     adata.obs[keys.ANOMALY] = result.calls  # here, in the column order; refresh_calls below derives it
     adata.obs[keys.RESIDUAL_NORM] = result.residual_norm
-    if result.reference_dissimilarity is not None:
-        adata.obs[keys.REFERENCE_DISSIMILARITY] = result.reference_dissimilarity
+    adata.obs[keys.PVALUE] = thr.tail_pvalues(result.scores, result.reference_scores)
+    for name, view in result.views.items():
+        adata.obs[keys.VIEW_COLUMNS[name]] = standardised(view).target
     adata.obsm[keys.LATENT] = result.latent
     adata.uns[keys.UNS] = {
         "params": _h5ad_safe(detector.config.to_json()),

@@ -12,10 +12,11 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from . import keys
+from . import threshold as thr
 from .correction import REFERENCE_BATCH
 from .layout import AFTER, BEFORE, CELL, IS_REFERENCE, SOURCE, kin_segments
 
-REFERENCE_LABEL = "reference cells held out of training"
+REFERENCE_LABEL = "reference cells (each scored by a model that did not train on it)"
 LOSS_LABELS = {
     "reconstruction": "reconstruction error (L1)",
     "generator": "generator loss",
@@ -30,16 +31,33 @@ MAX_CATEGORIES = 20
 CORRECTION_STAGES = {"kin": "module II: kin pairing", "style": "module III: batch styles"}
 
 
-def score_histogram(adata: ad.AnnData, *, bins: int = 60) -> go.Figure:
-    """Anomaly-score histogram per sample, with the held-out reference cells and the threshold.
+#: x axes of the score histogram: the call's p-values on a log scale, or the score itself
+HISTOGRAM_SCALES = {
+    "pvalue": "−log10 p against the reference cells (higher = more anomalous)",
+    "score": "anomaly score (mean of the standardised views; higher = more anomalous)",
+}
 
-    Bins span the observed scores (not the whole 0–1 range), so groups that
-    sit close together stay readable; bars show the share of each sample.
+
+def score_histogram(adata: ad.AnnData, *, scale: str = "pvalue", bins: int = 60) -> go.Figure:
+    """Histogram per sample, with the reference cells' own scores and the threshold.
+
+    ``scale="pvalue"`` (default) draws ``−log10 p`` of each cell against the
+    reference cells' out-of-fold scores (:func:`threshold.minus_log10_pvalues`,
+    the values the label-free call reads): typical normal cells sit near 0,
+    and cells beyond every reference cell keep spreading out instead of piling
+    up. ``"score"`` draws the score itself. Bars show the share of each sample.
     """
+    if scale not in HISTOGRAM_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(HISTOGRAM_SCALES)}, not {scale!r}")
     result = adata.uns[keys.UNS]
-    scores = adata.obs[keys.SCORE].to_numpy()
-    reference = np.asarray(result["reference_scores"])
+    scores = adata.obs[keys.SCORE].to_numpy(dtype=np.float64)
+    reference = np.asarray(result["reference_scores"], dtype=np.float64)
     threshold = float(result["threshold"]["value"])
+    if scale == "pvalue":
+        scores, threshold, reference = (
+            thr.minus_log10_pvalues(x, reference) for x in (scores, np.array([threshold]), reference)
+        )
+        threshold = float(threshold[0])
     edges = _edges(np.concatenate([scores, reference, [threshold]]), bins)
     fig = go.Figure()
     batches = adata.obs[keys.BATCH].astype(str).to_numpy()
@@ -55,7 +73,7 @@ def score_histogram(adata: ad.AnnData, *, bins: int = 60) -> go.Figure:
     )
     fig.update_layout(
         barmode="overlay",
-        xaxis_title="anomaly score (higher = more anomalous)",
+        xaxis_title=HISTOGRAM_SCALES[scale],
         yaxis_title="share of the sample's cells",
         legend=dict(orientation="h", yanchor="top", y=-0.2),
         margin=dict(t=40, l=10, r=10, b=10),
@@ -81,9 +99,11 @@ def loss_curves(adata: ad.AnnData) -> go.Figure:
 
 
 def _edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """Bins spanning the values (with a 2 % margin), so groups close together stay readable."""
+    values = values[np.isfinite(values)]
     low, high = float(np.min(values)), float(np.max(values))
     pad = max((high - low) * 0.02, 1e-6)
-    return np.linspace(max(low - pad, 0.0), min(high + pad, 1.0), bins + 1)
+    return np.linspace(low - pad, high + pad, bins + 1)
 
 
 def _shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -7,10 +7,12 @@ from acsleuth_core.calls import called_normal_by_resemblance, calls_per_batch
 from acsleuth_core.detect import DetectorConfig
 from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.pipeline import call_anomalies
-from acsleuth_core.plots import loss_curves, score_histogram
+from acsleuth_core.plots import HISTOGRAM_SCALES, loss_curves, score_histogram
 from acsleuth_core.runs import start_detection_run
 from acsleuth_core.runtime import resolve_device
 from acsleuth_core.threshold import explain as explain_threshold
+from acsleuth_core.threshold import shift_warning
+from acsleuth_core.views import VIEWS
 from pages.ui.frame import (
     current_run,
     frame,
@@ -43,11 +45,10 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
         )
         seed = right.number_input("Seed", 0, 2**31 - 1, 0, disabled=busy, help="Same seed, same data → same results.")
         memory = left.checkbox("Memory bank", True, disabled=busy, help="Off is the paper's ablation; keep it on for real analyses.")
-        similarity = left.checkbox(
-            "Reference-similarity view", True, disabled=busy,
-            help="Join module I's reconstruction residuals with how unlike its most similar reference cells each "
-            "cell is. Off: the paper's score, module I's MMD predictor on the residuals alone, which misses cell "
-            "types the model rebuilds well.",
+        views = left.multiselect(
+            "Score views", list(VIEWS), default=list(VIEWS), disabled=busy,
+            help="What the score joins: module I's reconstruction residual, how unlike its most similar reference "
+            "cells a cell is, and the paper's MMD predictor on the residuals. 'predictor' alone is the paper's score.",
         )
         name = right.text_input("Run name", "detection", disabled=busy)
         if st.button("Train and score", type="primary", disabled=busy):
@@ -55,7 +56,7 @@ with st.expander("Train the detector", expanded=current_run() is None and not bu
                 epochs=int(epochs) or None,
                 seed=int(seed),
                 memory_size=DetectorConfig.memory_size if memory else 0,
-                reference_similarity=similarity,
+                views=tuple(views) or VIEWS,
             )
             run, job = start_detection_run(
                 run_store(), job_registry(), data.reference, data.targets,
@@ -89,7 +90,8 @@ with st.form("threshold"):
     method = st.radio(
         "Threshold rule", list(METHOD_LABELS), index=list(METHOD_LABELS).index(saved["method"]),
         format_func=METHOD_LABELS.get, horizontal=True,
-        help="Label-free: anchored on reference cells held out of training. The other two are your choice.",
+        help="Label-free: cells scoring beyond the reference cells (each scored by a model that did not train on "
+        "it) at a 10% false discovery rate. The other two are your choice.",
     )
     left, right = st.columns(2)
     fraction = left.number_input(
@@ -108,7 +110,14 @@ with st.form("threshold"):
             show_error(error)
 
 threshold = adata.uns[keys.UNS]["threshold"]
-st.plotly_chart(score_histogram(adata), width="stretch")
+scale = st.radio(
+    "Histogram axis", list(HISTOGRAM_SCALES), format_func={"pvalue": "−log10 p (as the call sees it)", "score": "score"}.get,
+    horizontal=True, key="histogram_scale",
+)
+st.plotly_chart(score_histogram(adata, scale=scale), width="stretch")
+shift = shift_warning(scores.to_numpy(), adata.obs[keys.BATCH].astype(str).to_numpy(), adata.uns[keys.UNS]["reference_scores"])
+if shift:
+    st.warning(shift, icon="⚠️")
 counts = calls_per_batch(adata)
 sizes = adata.obs[keys.BATCH].value_counts()
 st.dataframe(

@@ -47,25 +47,27 @@ def test_run_writes_annotated_anndata_and_cell_table(demo_run, demo_files):
     targets = [ad.read_h5ad(demo_files / f"sample_{s}.h5ad") for s in "AB"]
     assert list(adata.obs_names) == [n for t in targets for n in t.obs_names]
     assert set(adata.obs[keys.BATCH]) == {"sample_A", "sample_B"}
-    assert adata.obs[keys.SCORE].between(0, 1).all()
+    assert np.isfinite(adata.obs[keys.SCORE]).all()
     assert adata.obsm[keys.LATENT].shape[0] == adata.n_obs
     cells = pd.read_csv(table)
     assert len(cells) == adata.n_obs
     np.testing.assert_allclose(cells[keys.SCORE].to_numpy(), adata.obs[keys.SCORE].to_numpy())
     assert cells[keys.ANOMALY].sum() == adata.obs[keys.ANOMALY].sum()
-    assert cells[keys.REFERENCE_DISSIMILARITY].between(0, 2).all()  # the score's second view, exported
+    assert cells[keys.PVALUE].between(0, 1).all()  # the call's p-values and every view, exported
+    assert all(np.isfinite(cells[column]).all() for column in keys.VIEW_COLUMNS.values())
 
 
-def test_residual_only_scores_with_module_one_alone(demo_files, tmp_path):
-    out = tmp_path / "residual.h5ad"
+def test_views_predictor_scores_with_the_papers_predictor_alone(demo_files, tmp_path):
+    out = tmp_path / "paper.h5ad"
     code = main([
         "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
-        "--out", str(out), "--residual-only", "--n-subtypes", "0", *QUICK,
+        "--out", str(out), "--views", "predictor", "--n-subtypes", "0", *QUICK,
     ])
     assert code == 0
     adata = ad.read_h5ad(out)
-    assert not adata.uns[keys.UNS]["params"]["reference_similarity"]
-    assert keys.REFERENCE_DISSIMILARITY not in adata.obs and "views" not in adata.uns[keys.UNS]["threshold"]["detail"]
+    assert list(adata.uns[keys.UNS]["params"]["views"]) == ["predictor"]
+    assert adata.uns[keys.UNS]["threshold"]["detail"]["views"] == "predictor"
+    np.testing.assert_allclose(adata.obs[keys.SCORE], adata.obs[keys.VIEW_COLUMNS["predictor"]])
 
 
 def test_run_corrects_batches_by_default_when_targets_hold_two_batches(demo_run):
@@ -144,7 +146,7 @@ def test_too_few_anomalies_skip_subtypes_with_a_message_and_keep_the_run(demo_ru
     out = tmp_path / "few.h5ad"
     code = main([
         "run", "--reference", str(demo_files / "reference.h5ad"), "--target", str(demo_files / "sample_A.h5ad"),
-        "--out", str(out), "--model", str(model), "--threshold", "1.0",
+        "--out", str(out), "--model", str(model), "--threshold", "1e6",
     ])
     assert code == 0 and out.exists()
     assert "subtypes skipped" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from acsleuth_core import threshold as thr
 from acsleuth_core import keys, plots, subtype_plots
 from acsleuth_core.layout import AFTER, BEFORE, CELL, IS_REFERENCE, SOURCE
 from acsleuth_core.markers import marker_dots
@@ -159,6 +160,27 @@ def test_score_histogram_gives_each_sample_the_colour_it_has_on_the_correction_p
     fig = plots.score_histogram(adata)
     colours = plots.batch_colours(["sample_A", "sample_B"])
     assert [t.marker.color for t in fig.data[:2]] == [colours["sample_A"], colours["sample_B"]]
+
+
+def test_score_histogram_draws_minus_log10_p_by_default_and_the_score_on_request():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 200)
+    scores = np.r_[rng.normal(0, 1, 300), rng.normal(12, 1, 50)]  # 50 cells far beyond every reference cell
+    adata = ad.AnnData(np.zeros((scores.size, 1), dtype=np.float32))
+    adata.obs[keys.SCORE] = scores
+    adata.obs[keys.BATCH] = "sample_A"
+    adata.uns[keys.UNS] = {"reference_scores": reference, "threshold": {"value": 3.0}}
+    by_p = plots.score_histogram(adata)
+    assert by_p.layout.xaxis.title.text.startswith("−log10 p")
+    # the far cells do not pile up in one bar at the edge: they spread past log10(n + 1)
+    bars = by_p.data[0]
+    far_bars = np.asarray(bars.y)[np.asarray(bars.x) > np.log10(201)]
+    assert (far_bars > 0).sum() >= 5
+    assert by_p.layout.shapes[0].x0 == pytest.approx(thr.minus_log10_pvalues(np.array([3.0]), reference)[0])
+    by_score = plots.score_histogram(adata, scale="score")
+    assert by_score.layout.shapes[0].x0 == 3.0 and "anomaly score" in by_score.layout.xaxis.title.text
+    with pytest.raises(ValueError, match="scale"):
+        plots.score_histogram(adata, scale="logit")
 
 
 # ------------------------------------------------------------------ subtypes

@@ -1,6 +1,4 @@
-"""Turning scores into calls: the label-free anchored mixture, an expected fraction, a manual cut."""
-
-import inspect
+"""Turning scores into calls: the label-free conformal rule, an expected fraction, a manual cut."""
 
 import numpy as np
 import pytest
@@ -10,16 +8,12 @@ from acsleuth_core import threshold as thr
 
 
 def _mixture(seed: int, n_anomalies: int = 100):
-    """Scores as probabilities: normal logits N(−3, 1), anomalous logits N(3, 1)."""
+    """Normal scores N(0, 1) for 300 reference and 400 target cells, anomalous ones N(5, 1)."""
     rng = np.random.default_rng(seed)
-    reference = thr.expit(rng.normal(-3, 1, 300))
-    target = thr.expit(np.r_[rng.normal(-3, 1, 400), rng.normal(3, 1, n_anomalies)])
+    reference = rng.normal(0, 1, 300)
+    target = np.r_[rng.normal(0, 1, 400), rng.normal(5, 1, n_anomalies)]
     truth = np.r_[np.zeros(400, dtype=bool), np.ones(n_anomalies, dtype=bool)]
     return target, reference, truth
-
-
-def test_label_free_threshold_takes_only_target_and_reference_scores():
-    assert list(inspect.signature(thr.label_free_threshold).parameters) == ["target_scores", "reference_scores"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -29,73 +23,73 @@ def test_label_free_threshold_calls_a_clear_mixture_well(seed):
     calls = thr.call(target, threshold)
     assert f1_score(truth, calls) > 0.9
     assert threshold.method == "label_free"
-    assert 0.0 < threshold.value < 1.0
-    # the anomalous component is found where the anomalies are, at about their share
-    assert threshold.detail["anomalous_centre"] == pytest.approx(3.0, abs=0.5)
-    assert threshold.detail["anomaly_fraction"] == pytest.approx(0.2, abs=0.05)
-    assert threshold.detail["n_reference_cells"] == 300
-    assert threshold.detail["route"] == "mixture"
-    assert threshold.detail["reference_called"] <= thr.MAX_REFERENCE_CALLED
+    detail = threshold.detail
+    assert detail["route"] == "conformal_bh" and detail["fdr"] == thr.FDR_LEVEL
+    assert detail["n_reference_cells"] == 300 and not detail["nothing_called"]
+    assert detail["reference_called"] == pytest.approx(np.mean(reference > threshold.value))
+    # false discoveries stay near the level: at most ~10 % of the calls are normal cells
+    assert np.sum(calls & ~truth) <= 0.15 * calls.sum()
 
 
-def test_label_free_threshold_calls_almost_nothing_on_a_clean_target():
-    rng = np.random.default_rng(0)
-    reference = thr.expit(rng.normal(-3, 1, 300))
-    clean = thr.expit(rng.normal(-3, 1, 500))
-    calls = thr.call(clean, thr.label_free_threshold(clean, reference))
-    assert calls.mean() < 0.02
+def test_label_free_threshold_finds_rare_anomalies_when_they_clear_every_reference_cell():
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0, 1, 300)
+    target = np.r_[rng.normal(0, 1, 500), rng.normal(8, 0.5, 15)]  # 3 % anomalies beyond every reference cell
+    calls = thr.call(target, thr.label_free_threshold(target, reference))
+    assert calls[500:].all() and calls[:500].sum() <= 3
 
 
-@pytest.mark.parametrize("seed", [82, 132, 194, 222])
-def test_label_free_threshold_never_calls_half_of_a_clean_target(seed):
+@pytest.mark.parametrize("seed", range(6))
+def test_label_free_threshold_calls_almost_nothing_on_a_clean_target(seed):
     rng = np.random.default_rng(seed)
     reference, clean = rng.normal(0, 1, 300), rng.normal(0, 1, 500)
-    threshold = thr.label_free_threshold(thr.expit(clean), thr.expit(reference))
-    assert thr.call(thr.expit(clean), threshold).mean() < 0.1
+    threshold = thr.label_free_threshold(clean, reference)
+    assert thr.call(clean, threshold).mean() < 0.02
 
 
-def test_label_free_threshold_falls_back_to_the_reference_tail_without_an_anomalous_component():
-    rng = np.random.default_rng(3)
-    reference = rng.normal(-3, 1, 1000)
-    mixture = thr.fit_anchored_mixture(reference[:500] - 1.0, reference)
-    assert mixture.anomaly_fraction == 0.0
-    expected = mixture.normal_centre + 2.5758293035489 * mixture.normal_scale
-    assert mixture.cut() == pytest.approx(expected, rel=1e-9)
+def test_label_free_threshold_does_not_depend_on_the_scores_units():
+    target, reference, _ = _mixture(4)
+    calls = thr.call(target, thr.label_free_threshold(target, reference))
+    rescaled = thr.call(3 * target - 7, thr.label_free_threshold(3 * target - 7, 3 * reference - 7))
+    np.testing.assert_array_equal(calls, rescaled)
 
 
-@pytest.mark.parametrize("seed", [0, 3, 4])
-def test_label_free_threshold_does_not_call_a_normal_subpopulation_the_reference_also_has(seed):
-    """A fifth of reference and target cells sit in an upper mode: the mixture takes it for anomalies,
-    but its cut calls more than MAX_REFERENCE_CALLED of the (normal) reference cells, so it is not
-    trusted and the conformal BH fallback calls (almost) nothing."""
-    rng = np.random.default_rng(seed)
-
-    def cells(n):
-        return np.where(rng.random(n) < 0.2, rng.normal(3, 0.3, n), rng.normal(0, 1, n))
-
-    reference, target = cells(300), cells(500)
-    mixture = thr.fit_anchored_mixture(target, reference)
-    assert np.mean(target > mixture.cut()) > 0.1  # what the unchecked mixture would call
-    assert thr.reference_called_share(reference, mixture.cut()) > thr.MAX_REFERENCE_CALLED
-    assert not thr.mixture_is_trusted(mixture, reference)
-    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
-    assert threshold.detail["route"] == "conformal_bh"
-    assert thr.call(thr.expit(target), threshold).mean() < 0.02
-    assert threshold.detail["reference_called"] <= thr.FDR_LEVEL
+def test_nothing_called_puts_the_threshold_above_every_score_and_says_so():
+    rng = np.random.default_rng(5)
+    reference, clean = rng.normal(0, 1, 50), rng.normal(-1, 1, 200)
+    threshold = thr.label_free_threshold(clean, reference)
+    assert threshold.detail["nothing_called"]
+    assert not thr.call(clean, threshold).any() and not thr.call(reference, threshold).any()
+    sentence, check = thr.explain(threshold.as_dict())
+    assert check and "expected fraction" in sentence
 
 
-def test_label_free_threshold_falls_back_to_conformal_bh_when_the_mixture_is_degenerate():
-    """The anomalous component would swallow almost the whole target (fraction > MAX_MIXTURE_FRACTION)."""
-    rng = np.random.default_rng(0)
-    reference = rng.normal(0, 1, 100)
-    target = np.r_[rng.normal(2.5, 1.5, 950), rng.normal(9, 0.3, 50)]
-    mixture = thr.fit_anchored_mixture(target, reference)
-    assert mixture.anomaly_fraction > thr.MAX_MIXTURE_FRACTION
-    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
-    assert threshold.detail["route"] == "conformal_bh"
-    calls = thr.call(thr.expit(target), threshold)
-    assert calls[950:].all()  # every cell far beyond every reference cell is called
-    assert np.isclose(threshold.value, thr.expit(reference), rtol=0, atol=1e-12).any()  # a reference score
+def test_explain_names_the_rule_its_fdr_and_the_reference_share_it_would_call():
+    target, reference, _ = _mixture(0)
+    threshold = thr.label_free_threshold(target, reference)
+    sentence, check = thr.explain(threshold.as_dict())
+    assert not check
+    assert "300 reference cells" in sentence and "10% false discovery rate" in sentence
+    assert f"{threshold.detail['reference_called']:.1%}" in sentence
+    assert thr.explain(thr.fraction_threshold(target, 0.2).as_dict())[0].startswith("The top 20.0%")
+    assert thr.explain(thr.manual_threshold(1.0).as_dict()) == ("Your score threshold.", False)
+
+
+def test_minus_log10_pvalues_start_at_zero_and_grow_past_the_reference():
+    reference = np.arange(99.0)
+    values = thr.minus_log10_pvalues(np.array([-5.0, 49.5, 98.5, 120.0, 1e3]), reference)
+    np.testing.assert_allclose(values[:2], [0.0, -np.log10(50 / 100)])
+    assert np.all(np.diff(values) > 0) and values[-1] > 2.0  # beyond 1/(n + 1) = 0.01
+
+
+def test_shifted_samples_names_a_sample_that_sits_above_the_reference_not_one_with_some_anomalies():
+    rng = np.random.default_rng(6)
+    reference = rng.normal(0, 1, 300)
+    anomalous_minority = np.r_[rng.normal(0, 1, 200), rng.normal(6, 1, 60)]
+    shifted = rng.normal(2.5, 1, 200)
+    scores = np.r_[anomalous_minority, shifted]
+    batches = np.r_[np.full(260, "A"), np.full(200, "B")]
+    assert thr.shifted_samples(scores, batches, reference) == ["B"]
 
 
 def test_conformal_pvalues_count_reference_scores_at_or_above():
@@ -121,27 +115,46 @@ def test_benjamini_hochberg_is_step_up():
     assert not thr.benjamini_hochberg(np.array([0.5, 0.9]), 0.1).any()
 
 
-def test_conformal_bh_cut_calls_exactly_the_bh_rejections():
+def test_benjamini_hochberg_cut_calls_exactly_the_bh_rejections():
     rng = np.random.default_rng(2)
     reference = rng.normal(0, 1, 60)
     target = np.r_[rng.normal(0, 1, 300), rng.normal(4, 1, 90)]
-    cut = thr.conformal_bh_cut(target, reference)
-    rejected = thr.benjamini_hochberg(thr.conformal_pvalues(target, reference))
+    pvalues = thr.tail_pvalues(target, reference)
+    cut = thr.benjamini_hochberg_cut(target, pvalues)
+    rejected = thr.benjamini_hochberg(pvalues)
     np.testing.assert_array_equal(target > cut, rejected)
-    assert cut in set(reference)
     assert 60 < rejected.sum() < 110
     # nothing clears the reference: no cut at all
-    assert thr.conformal_bh_cut(rng.normal(0, 1, 300), reference) == np.inf
+    clean = rng.normal(0, 1, 300)
+    assert thr.benjamini_hochberg_cut(clean, thr.tail_pvalues(clean, reference)) == np.inf
 
 
-def test_anchored_mixture_pins_the_normal_component_to_the_reference():
-    target, reference, _ = _mixture(4)
-    mixture = thr.fit_anchored_mixture(thr.logit(target), thr.logit(reference))
-    assert mixture.normal_centre == pytest.approx(float(np.median(thr.logit(reference))))
-    # changing the target does not move the normal component
-    other = thr.fit_anchored_mixture(thr.logit(target[:450]), thr.logit(reference))
-    assert other.normal_centre == mixture.normal_centre
-    assert other.normal_scale == mixture.normal_scale
+def test_tail_pvalues_are_conformal_below_the_tail_and_keep_falling_past_the_reference():
+    rng = np.random.default_rng(7)
+    reference = rng.normal(0, 1, 200)
+    below = np.linspace(-3, np.quantile(reference, thr.TAIL_QUANTILE), 50)
+    np.testing.assert_array_equal(thr.tail_pvalues(below, reference), thr.conformal_pvalues(below, reference))
+    far = np.array([reference.max() + 1, reference.max() + 3, reference.max() + 6])
+    p = thr.tail_pvalues(far, reference)
+    assert np.all(p < 1 / 201) and np.all(np.diff(p) < 0)
+    # monotone over the whole range: a higher score never gets a larger p-value
+    grid = np.linspace(-4, 10, 500)
+    assert np.all(np.diff(thr.tail_pvalues(grid, reference)) <= 1e-12)
+
+
+@pytest.mark.parametrize("draw", ["normal", "standard_exponential", "standard_t"])
+def test_tail_pvalues_are_about_uniform_for_exchangeable_scores(draw):
+    """Averaged over references (marginal validity), whatever the tail: light, exponential or heavy (t, 3 df)."""
+    shares = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        sample = (lambda n: rng.standard_t(3, n)) if draw == "standard_t" else (lambda n: getattr(rng, draw)(size=n))
+        p = thr.tail_pvalues(sample(20000), sample(300))
+        shares.append([np.mean(p <= 0.05), np.mean(p <= 0.01), np.mean(p <= 0.001)])
+    mean = np.mean(shares, axis=0)
+    assert mean[0] == pytest.approx(0.05, abs=0.015)
+    assert mean[1] == pytest.approx(0.01, abs=0.005)
+    assert mean[2] < 0.004
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2, 0.5, 0.9])
@@ -167,114 +180,3 @@ def test_manual_threshold_calls_scores_strictly_above_it():
     np.testing.assert_array_equal(thr.call(scores, threshold), [False, False, True, True])
     assert threshold.method == "manual"
     assert threshold.as_dict() == {"value": 0.5, "method": "manual", "detail": {}}
-
-
-def test_logit_and_expit_are_inverse_and_logit_is_finite_at_zero_and_one():
-    x = np.linspace(-8, 8, 17)
-    np.testing.assert_allclose(thr.logit(thr.expit(x)), x, atol=1e-9)
-    assert np.all(np.isfinite(thr.logit(np.array([0.0, 1.0]))))
-
-
-def test_held_out_pvalues_rank_each_score_against_the_others():
-    p = thr.held_out_pvalues(np.array([1.0, 2.0, 3.0, 4.0]))
-    np.testing.assert_allclose(p, [4 / 4, 3 / 4, 2 / 4, 1 / 4])  # (1 + others at or above) / n
-
-
-def test_fisher_combination_adds_up_evidence():
-    one = np.array([0.5])
-    assert thr.fisher_combined(np.array([1.0]), np.array([1.0]))[0] == pytest.approx(1.0)
-    assert thr.fisher_combined(np.array([0.01]), one)[0] < 0.05  # one strong test carries the call
-    assert thr.fisher_combined(np.array([0.01]), np.array([0.01]))[0] < thr.fisher_combined(np.array([0.01]), one)[0]
-
-
-def test_label_free_threshold_falls_back_to_a_target_mixture_when_bh_calls_nothing():
-    """Few held-out cells, four of them outliers beyond every anomaly: the anchored mixture's cut calls
-    them (over MAX_REFERENCE_CALLED), no conformal p-value is small enough for BH, yet the target's
-    scores fall in two clear groups, which the last route calls."""
-    rng = np.random.default_rng(0)
-    reference = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
-    target = np.r_[rng.normal(0.3, 1, 400), rng.normal(8, 0.7, 600)]
-    assert not thr.mixture_is_trusted(thr.fit_anchored_mixture(target, reference), reference)
-    assert not thr.benjamini_hochberg(thr.conformal_pvalues(target, reference)).any()
-    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
-    assert threshold.detail["route"] == "target_mixture"
-    calls = thr.call(thr.expit(target), threshold)
-    assert calls[400:].mean() > 0.98 and calls[:400].mean() < 0.02
-
-
-def test_estimated_fdr_is_near_one_when_the_target_scores_like_the_reference():
-    rng = np.random.default_rng(1)
-    reference, target = rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)
-    assert thr.estimated_fdr(target, reference, 1.0) > 0.8
-    assert thr.estimated_fdr(np.r_[target, np.full(1000, 9.0)], reference, 3.0) < 0.01
-    assert thr.estimated_fdr(target, reference, 99.0) == 1.0  # nothing called
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_target_without_anomalies_is_not_split_by_the_target_mixture(seed):
-    """A shifted, one-group target with outliers among few held-out cells: BH calls nothing, and the
-    target mixture's split of it is rejected by its estimated false discovery rate."""
-    rng = np.random.default_rng(seed)
-    reference = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
-    target = rng.normal(1.0, 1.2, 1000)
-    free = thr.fit_target_mixture(target)
-    assert thr.estimated_fdr(target, reference, free.crossing()) > thr.MAX_TARGET_MIXTURE_FDR
-    threshold = thr.label_free_threshold(thr.expit(target), thr.expit(reference))
-    assert threshold.detail["route"] != "target_mixture"
-    assert thr.call(thr.expit(target), threshold).mean() < 0.05
-
-
-def test_explain_says_how_each_route_called_and_flags_the_ones_to_check():
-    rng = np.random.default_rng(0)
-    reference = rng.normal(0, 1, 60)
-    separated = thr.label_free_threshold(thr.expit(np.r_[rng.normal(0, 1, 400), rng.normal(8, 0.5, 100)]), thr.expit(reference))
-    text, check = thr.explain(separated.as_dict())
-    assert separated.detail["route"] == "mixture" and "60 reference cells held out" in text and not check
-    nothing = thr.label_free_threshold(thr.expit(rng.normal(0, 1, 500)), thr.expit(reference))
-    text, check = thr.explain(nothing.as_dict())
-    assert nothing.value == 1.0 and "none is called" in text and check
-    outliers = np.r_[rng.normal(0, 1, 26), 12.0, 12.5, 13.0, 13.5]
-    last = thr.label_free_threshold(thr.expit(np.r_[rng.normal(0.3, 1, 400), rng.normal(8, 0.7, 600)]), thr.expit(outliers))
-    text, check = thr.explain(last.as_dict())
-    assert last.detail["route"] == "target_mixture" and "last resort" in text and check
-    assert thr.explain(thr.fraction_threshold(np.arange(10.0), 0.2).as_dict()) == (
-        "The top 20.0% of cells (your expected anomaly fraction).", False
-    )
-
-
-def test_the_last_route_raises_a_too_low_cut_until_its_estimated_fdr_is_met():
-    """A mixture crossing inside the normal bulk calls too many normal cells; the cut moves up to the
-    lowest one whose estimated FDR is within the level: the anomalies, and a true FDR within the level."""
-    rng = np.random.default_rng(0)
-    reference = np.r_[rng.normal(0, 1, 59), 6.5]  # one held-out outlier among the anomalies' scores
-    target = np.r_[rng.normal(0, 1, 300), rng.normal(6, 0.5, 100)]
-    too_low = 1.0
-    assert thr.estimated_fdr(target, reference, too_low) > thr.MAX_TARGET_MIXTURE_FDR
-    cut = thr.lowest_cut_within_fdr(target, reference, start=too_low)
-    assert thr.estimated_fdr(target, reference, cut) <= thr.MAX_TARGET_MIXTURE_FDR
-    calls = target > cut
-    assert calls[300:].mean() > 0.95 and calls[:300].sum() / calls.sum() <= thr.MAX_TARGET_MIXTURE_FDR
-    assert (target > too_low)[:300].sum() / (target > too_low).sum() > thr.MAX_TARGET_MIXTURE_FDR
-
-
-def test_the_last_route_finds_no_cut_in_a_target_like_the_reference():
-    """Above every held-out cell a few target cells still score by chance; the conformal count (plus one)
-    keeps those from looking like a call with no false discoveries."""
-    rng = np.random.default_rng(3)
-    reference, target = rng.normal(0, 1, 60), rng.normal(0, 1, 2000)
-    assert (target > reference.max()).sum() > 0
-    assert thr.lowest_cut_within_fdr(target, reference, start=0.0) == np.inf
-
-
-def test_the_mixture_cut_starts_at_the_held_out_975th_percentile_when_the_gaussian_tail_reaches_further():
-    """Normal scores with a short tail (uniform here, as capped conformal scores pile up) and anomalies
-    around the fitted Gaussian's 97.5th percentile: the floor there would leave over a tenth of them
-    uncalled, while no held-out (normal) cell scores above 2."""
-    rng = np.random.default_rng(1)
-    reference = rng.uniform(-2, 2, 59)
-    target = np.r_[rng.uniform(-2, 2, 300), rng.normal(3.3, 0.2, 100)]
-    mixture = thr.fit_anchored_mixture(target, reference)
-    gaussian_floor = mixture.normal_centre + 1.959964 * mixture.normal_scale
-    assert mixture.found_anomalies and np.mean(target[300:] > gaussian_floor) < 0.9
-    calls = target > mixture.cut()
-    assert calls[300:].mean() > 0.98 and not calls[:300].any()
