@@ -80,10 +80,10 @@ import numpy as np
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.correction
     import _common as common
-    import detection
+    import tasks
 except ImportError:  # pragma: no cover
     from benchmarks import _common as common
-    from benchmarks import detection
+    from benchmarks import tasks
 
 SCRIPT = "benchmarks/correction.py"
 SETTINGS = ("demo", "hard", "cellbench-dropseq")
@@ -122,17 +122,17 @@ class Setting:
 
 def load_setting(name: str) -> Setting:
     if name == "demo":
-        task = detection.load_task("demo")
+        task = tasks.load_task("demo")
     elif name == "hard":
         task = _hard_task()
     elif name == "cellbench-dropseq":
-        task = detection.load_task("cellbench-dropseq")
+        task = tasks.load_task("cellbench-dropseq")
     else:
         raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, not {name!r}")
     return Setting(task.reference, task.targets, task.truth, LABEL_KEYS[name])
 
 
-def _hard_task() -> "detection.Task":
+def _hard_task() -> "tasks.Task":
     """The demo's cells with stronger per-sample gene and depth effects and unequal composition (see docstring)."""
     import anndata as ad
     import scanpy as sc
@@ -158,7 +158,7 @@ def _hard_task() -> "detection.Task":
         X = sp.csr_matrix(rng.poisson(mean).astype(np.float32))
         targets[name] = ad.AnnData(X=X, obs=sample.obs.copy(), var=sample.var.copy())
     truth = np.concatenate([t.obs[TRUTH_KEY].to_numpy(dtype=bool) for t in targets.values()])
-    return detection.Task(demo.reference, targets, truth)
+    return tasks.Task(demo.reference, targets, truth)
 
 
 def describe(setting: Setting) -> str:

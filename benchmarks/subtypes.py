@@ -10,8 +10,8 @@ Data (``--data``):
   (``sample_B`` with a synthetic gene-wise batch effect); two anomaly types,
   ``CD19+ B`` and the rare ``CD34+``. ``obs['is_anomaly']`` and
   ``obs['cell_type']`` are the truth.
-* ``cellbench`` / ``cellbench-dropseq``: the detection benchmark's CellBench
-  tasks (``benchmarks/detection.py``): two anomaly types, the lines A549 and
+* ``cellbench`` / ``cellbench-dropseq``: the CellBench
+  tasks (``benchmarks/tasks.py``): two anomaly types, the lines A549 and
   H838 absent from the reference; ``cell_line`` is the truth.
   ``cellbench-3types``: three anomaly types (H2228 left out of the reference too).
 
@@ -77,10 +77,11 @@ import numpy as np
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.subtypes
     import _common as common
-    import detection
+    import baselines
+    import tasks
 except ImportError:  # pragma: no cover
     from benchmarks import _common as common
-    from benchmarks import detection
+    from benchmarks import baselines, tasks
 
 SCRIPT = "benchmarks/subtypes.py"
 DATASETS = ("demo", "cellbench", "cellbench-dropseq", "cellbench-3types")
@@ -230,7 +231,7 @@ def load_task(data: str) -> tuple[object, dict, np.ndarray, np.ndarray, np.ndarr
 
         truth = np.concatenate([o[TRUTH_KEY].to_numpy(dtype=bool) for o in obs])
         return demo.reference, demo.targets, truth, column(LABEL_KEY), column(FINE_LABEL_KEY)
-    task = detection.load_task(data)
+    task = tasks.load_task(data)
     types = np.concatenate([t.obs["cell_line"].astype(str).to_numpy() for t in task.targets.values()])
     return task.reference, task.targets, task.truth, types, types
 
@@ -247,7 +248,7 @@ def measure(name: str, seed: int, data: str = "demo") -> dict:
 
     method = METHODS[name]
     _import_libraries()
-    detection._warm_up_leiden()
+    baselines._warm_up_leiden()
     reference, targets, truth, types, fine_types = load_task(data)
     error = None
     with common.Measured() as measured:
