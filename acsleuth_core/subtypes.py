@@ -291,22 +291,34 @@ def leiden_labels(embedding: np.ndarray, resolution: float, n_neighbors: int = 1
     """
     import anndata as ad
     import scanpy as sc
+
+    points = np.asarray(embedding, dtype=np.float32)
+    n_neighbors = max(2, min(n_neighbors, points.shape[0] - 1))
+    # numba's first use (by umap-learn) can reset torch's thread count, and with it every later float sum:
+    # keep the caller's, so a model trained after clustering repeats one trained before it
+    torch_threads = torch.get_num_threads()
+    try:
+        holder = ad.AnnData(np.zeros((points.shape[0], 1), dtype=np.float32))
+        sc.tl.leiden(
+            holder, resolution=resolution, adjacency=_fuzzy_knn_graph(points, n_neighbors, seed), random_state=seed,
+            flavor="igraph", n_iterations=2, directed=False,
+        )
+    finally:
+        torch.set_num_threads(torch_threads)
+    return holder.obs["leiden"].astype(int).to_numpy()
+
+
+def _fuzzy_knn_graph(points: np.ndarray, n_neighbors: int, seed: int) -> sp.csr_matrix:
+    """umap-learn's fuzzy simplicial set (symmetric weights) of the points' kNN graph."""
     from umap.umap_ import fuzzy_simplicial_set
 
     from .neighbours import nearest
 
-    points = np.asarray(embedding, dtype=np.float32)
-    n_neighbors = max(2, min(n_neighbors, points.shape[0] - 1))
     indices, distances = nearest(points, points, n_neighbors, seed=seed)
     connectivities, _, _ = fuzzy_simplicial_set(
         sp.coo_matrix((points.shape[0], 1)), n_neighbors, None, None, knn_indices=indices, knn_dists=distances
     )
-    holder = ad.AnnData(np.zeros((points.shape[0], 1), dtype=np.float32))
-    sc.tl.leiden(
-        holder, resolution=resolution, adjacency=sp.csr_matrix(connectivities), random_state=seed,
-        flavor="igraph", n_iterations=2, directed=False,
-    )
-    return holder.obs["leiden"].astype(int).to_numpy()
+    return sp.csr_matrix(connectivities)
 
 
 def _drop_empty(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
