@@ -243,7 +243,6 @@ class AnomalyDetector:
         views = {
             "residual": ViewScores(target_stats.base_score, reference_stats.base_score),
             "similarity": ViewScores(_log_positive(target_stats.dissimilarity), _log_positive(reference_stats.dissimilarity)),
-            "centroid": ViewScores(target_stats.centroid_distance, reference_stats.centroid_distance),
         }
         description = {"score": "weighted mean of standardised views", "views": ", ".join(cfg.views)}
         if "predictor" in cfg.views:
@@ -319,7 +318,6 @@ class AnomalyDetector:
         return _Statistics(
             base_score=np.mean([s.base_score for s in per_model], axis=0),
             dissimilarity=np.mean([s.dissimilarity for s in per_model], axis=0),
-            centroid_distance=np.mean([s.centroid_distance for s in per_model], axis=0),
             residual_norm=first.residual_norm,
             latent=first.latent,
         )
@@ -327,13 +325,12 @@ class AnomalyDetector:
     def _out_of_fold_statistics(self, cancel: Optional[CancelToken]) -> "_Statistics":
         """Statistics of every reference cell from the fold model that did not train on it."""
         n = self._reference.shape[0]
-        base, dissimilarity, centroid = np.empty(n), np.empty(n), np.empty(n)
+        base, dissimilarity = np.empty(n), np.empty(n)
         for k, model in enumerate(self._models):
             in_fold = np.nonzero(self._folds == k)[0]
             stats_k = _statistics(model, self._reference[in_fold], self.config, cancel)
             base[in_fold], dissimilarity[in_fold] = stats_k.base_score, stats_k.dissimilarity
-            centroid[in_fold] = stats_k.centroid_distance
-        return _Statistics(base, dissimilarity, centroid, np.empty(0), np.empty((0, 0)))
+        return _Statistics(base, dissimilarity, np.empty(0), np.empty((0, 0)))
 
     def _features(self, model: _FoldModel, X: sp.csr_matrix, cancel: Optional[CancelToken]) -> np.ndarray:
         features = np.empty(X.shape, dtype=np.float32)
@@ -404,11 +401,6 @@ class AnomalyDetector:
                 shape=tuple(cal["reference_shape"]),
             )
             detector._folds = cal["folds"]
-            if "fold_0_similarity_centroids" not in cal.files:
-                raise ModelError(
-                    f"The model in {folder} was saved by an older version of ACsleuth (it lacks the reference "
-                    "group centroids); train it again."
-                )
             for k in range(detector.config.folds):
                 generator = _new_generator(detector.config, len(detector.genes))
                 generator.load_state_dict(states[f"fold_{k}"])
@@ -431,7 +423,6 @@ class _Statistics:
 
     base_score: np.ndarray
     dissimilarity: np.ndarray
-    centroid_distance: np.ndarray
     residual_norm: np.ndarray
     latent: np.ndarray
 
@@ -447,8 +438,7 @@ def _statistics(model: _FoldModel, X: sp.csr_matrix, config: DetectorConfig, can
         mean_square[rows] = _mean_square(model.normalised(residual, config.residual_clip))
         latent[rows] = z
     check_cancel(cancel)
-    similarity = model.similarity
-    return _Statistics(np.log(mean_square), similarity.dissimilarity(X), similarity.centroid_distance(X), norms, latent)
+    return _Statistics(np.log(mean_square), model.similarity.dissimilarity(X), norms, latent)
 
 
 def _residual_gene_scale(model: _FoldModel, X: sp.csr_matrix, cancel: Optional[CancelToken] = None) -> np.ndarray:

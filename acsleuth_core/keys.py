@@ -19,7 +19,6 @@ RESIDUAL_NORM = "acsleuth_residual_norm"
 VIEW_COLUMNS = {
     "residual": "acsleuth_residual_view",
     "similarity": "acsleuth_similarity_view",
-    "centroid": "acsleuth_centroid_view",
     "predictor": "acsleuth_predictor_view",
 }
 #: ``obs``: p-value of the score against every reference cell's out-of-fold score (threshold.tail_pvalues; the call's input).

@@ -11,13 +11,6 @@ cell), and a cell's dissimilarity is ``1 − mean cosine similarity`` to its
 ``k`` most similar reference cells. The neighbour search is the project's
 linear-memory one (:func:`neighbours.nearest`); no cells × reference matrix is
 formed.
-
-A second statistic compares a cell with groups of reference cells rather than
-single ones (in the manner of scmap-cluster): the reference's Leiden clusters on
-those axes give centroids of log expression, and a cell's centroid distance is
-``1 − its largest Pearson correlation with a centroid``. Averaging a group's
-cells removes their noise, so a cell type that merely borders a reference
-group (NK cells beside cytotoxic T cells) still stands apart from it.
 """
 
 from __future__ import annotations
@@ -28,14 +21,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from .neighbours import nearest
-from .runtime import dense_batch_rows
 
 #: principal axes of the reference the cells are compared on
 N_COMPONENTS = 50
 #: reference cells a cell is compared with
 N_NEIGHBOURS = 15
-#: Leiden resolution of the reference groups whose centroids cells are compared with
-CENTROID_RESOLUTION = 1.0
 
 
 @dataclass
@@ -45,7 +35,6 @@ class ReferenceSimilarity:
     mean: np.ndarray
     axes: np.ndarray
     reference_directions: np.ndarray
-    centroids: np.ndarray
     n_neighbours: int = N_NEIGHBOURS
 
     @classmethod
@@ -58,8 +47,7 @@ class ReferenceSimilarity:
         # arpack centres a sparse matrix implicitly: no dense copy of the reference is made
         pca = PCA(n_components, svd_solver="arpack", random_state=seed).fit(X)
         mean, axes = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
-        directions = _directions(X, mean, axes)
-        return cls(mean, axes, directions, _group_centroids(X, directions, seed), n_neighbours=min(N_NEIGHBOURS, X.shape[0]))
+        return cls(mean, axes, _directions(X, mean, axes), n_neighbours=min(N_NEIGHBOURS, X.shape[0]))
 
     def directions(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         """Unit vectors of ``(x − mean)`` projected on the axes, one row per cell."""
@@ -71,23 +59,12 @@ class ReferenceSimilarity:
         # for unit vectors ‖a − b‖² = 2 (1 − cos)
         return (distances.astype(np.float64) ** 2 / 2.0).mean(axis=1)
 
-    def centroid_distance(self, X: sp.spmatrix | np.ndarray) -> np.ndarray:
-        """``1 − largest Pearson correlation`` with a reference group's centroid, in [0, 2]."""
-        X = sp.csr_matrix(X, dtype=np.float32)
-        block = dense_batch_rows(X.shape[1])
-        best = [
-            (_row_standardised(X[start : start + block].toarray()) @ self.centroids.T).max(axis=1)
-            for start in range(0, X.shape[0], block)
-        ]
-        return 1.0 - np.concatenate(best).astype(np.float64)
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to save beside the model (see :meth:`from_arrays`)."""
         return {
             "similarity_mean": self.mean,
             "similarity_axes": self.axes,
             "similarity_directions": self.reference_directions,
-            "similarity_centroids": self.centroids,
             "similarity_neighbours": np.array(self.n_neighbours),
         }
 
@@ -97,7 +74,6 @@ class ReferenceSimilarity:
             mean=arrays["similarity_mean"],
             axes=arrays["similarity_axes"],
             reference_directions=arrays["similarity_directions"],
-            centroids=arrays["similarity_centroids"],
             n_neighbours=int(arrays["similarity_neighbours"]),
         )
 
@@ -107,21 +83,3 @@ def _directions(X: sp.spmatrix | np.ndarray, mean: np.ndarray, axes: np.ndarray)
     projected = np.asarray(X @ axes.T) - mean @ axes.T
     norms = np.linalg.norm(projected, axis=1, keepdims=True)
     return (projected / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _group_centroids(X: sp.csr_matrix, directions: np.ndarray, seed: int) -> np.ndarray:
-    """Row-standardised mean log expression of each Leiden group of the reference (groups × genes)."""
-    from .subtypes import leiden_labels
-
-    labels = leiden_labels(directions, CENTROID_RESOLUTION, seed=seed) if X.shape[0] > 2 else np.zeros(X.shape[0], int)
-    members = sp.csr_matrix((np.ones(labels.size, dtype=np.float32), (labels, np.arange(labels.size))))
-    sums = (members @ X).toarray()
-    means = sums / np.asarray(members.sum(axis=1))
-    return _row_standardised(means)
-
-
-def _row_standardised(rows: np.ndarray) -> np.ndarray:
-    """Each row centred and scaled to unit norm, so row dot products are Pearson correlations."""
-    rows = np.asarray(rows, dtype=np.float32)
-    centred = rows - rows.mean(axis=1, keepdims=True)
-    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)

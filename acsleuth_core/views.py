@@ -7,8 +7,6 @@ train on it: cross-fitting, :mod:`detect`):
 * ``residual``: log mean square of module I's normalised reconstruction residuals;
 * ``similarity``: log of how unlike its most similar reference cells a cell is
   (:mod:`similarity`);
-* ``centroid``: how far a cell's expression is from every reference group's
-  centroid (``1 −`` the largest Pearson correlation; :mod:`similarity`);
 * ``predictor``: the logit of module I's MMD predictor on the residuals (the paper's score).
 
 A view is put on a common scale by standardising it with the reference cells'
@@ -30,7 +28,7 @@ from typing import Mapping, Optional
 import numpy as np
 from scipy import stats
 
-VIEWS = ("residual", "similarity", "centroid", "predictor")
+VIEWS = ("residual", "similarity", "predictor")
 #: the paper's score: module I's MMD predictor alone
 PAPER_VIEWS = ("predictor",)
 #: a view's tail excess is the share of target cells above this quantile of its reference scores, less 1 − it

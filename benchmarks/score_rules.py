@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import suite
 
 SCRIPT = "benchmarks/score_rules.py"
-VIEW_METHODS = suite.VIEW_METHODS
+VIEW_METHODS = {"residual": "residual view", "similarity": "similarity view", "predictor": "paper (predictor)"}
 
 
 def _fisher(views, weights=None):

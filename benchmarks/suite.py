@@ -68,11 +68,7 @@ THREE_LINES = ("H1975", "H2228", "HCC827")
 QUICK = ("pbmc CD19+ B, shift half", "pbmc CD14+ Monocyte, shift half", "pbmc none, shift all",
          "cellbench H838, same tech", "cellbench H2228, ref dropseq", "cellbench A549+H838, shift all")
 BASELINE_NAMES = ("scmap-cluster", "kNN distance", "kNN per-batch", "PCA error", "IsolationForest")
-#: each view of the default, by the method name the suite reports it under
-VIEW_METHODS = {
-    "residual": "residual view", "similarity": "similarity view", "centroid": "centroid view", "predictor": "paper (predictor)",
-}
-ACSLEUTH_METHODS = ("ACsleuth", "paper (predictor)", "residual view", "similarity view", "centroid view")
+ACSLEUTH_METHODS = ("ACsleuth", "paper (predictor)", "residual view", "similarity view")
 FOLDS = 2
 
 
@@ -271,7 +267,7 @@ def run_acsleuth(task: "tasks.Task", seed: int, *, threads: Optional[int] = None
     finally:
         torch.set_num_threads(previous_threads)
     scored = {"ACsleuth": Scored(result.scores, result.reference_scores)}
-    names = VIEW_METHODS
+    names = {"predictor": "paper (predictor)", "residual": "residual view", "similarity": "similarity view"}
     scored |= {names[n]: Scored(v.target, v.reference) for n, v in result.views.items()}
     return scored, result.calls, np.asarray(prepared.batches, dtype=str), seconds
 

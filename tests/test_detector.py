@@ -190,10 +190,8 @@ def test_per_cell_statistics_hold_no_cells_by_genes_array(data, fitted, monkeypa
     monkeypatch.setattr(detect, "dense_batch_rows", lambda n_genes: 64)
     feature_bytes = many_cells.shape[0] * many_cells.shape[1] * 4
     model = detector._models[0]
-    # the similarity and centroid views work on 50 principal axes and on row blocks of their own (linear in cells,
-    # checked in test_similarity): left out here
+    # the similarity view works on 50 principal axes (linear in cells, checked in test_similarity): left out here
     monkeypatch.setattr(model.similarity, "dissimilarity", lambda X: np.zeros(X.shape[0]))
-    monkeypatch.setattr(model.similarity, "centroid_distance", lambda X: np.zeros(X.shape[0]))
     tracemalloc.start()
     detect._statistics(model, many_cells, detector.config, None)
     peak = tracemalloc.get_traced_memory()[1]
