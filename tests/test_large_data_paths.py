@@ -59,3 +59,24 @@ def test_automatic_subtypes_on_thousands_of_cells_take_every_large_data_path(app
     found = find_subtypes(z, zeta, SubtypeConfig(max_epochs=2, max_auto_k=3, seed=0))
     assert found.k_chosen == 2
     assert adjusted_rand_score(truth, found.labels) > 0.99
+
+
+def test_leiden_gives_torch_back_the_thread_count_it_found(monkeypatch):
+    """umap-learn's numba code can reset torch's intra-op thread count on first use; a changed count changes
+    every later float sum, so a model trained after clustering would not repeat one trained before it."""
+    import torch
+
+    from acsleuth_core import subtypes
+
+    real_graph = subtypes._fuzzy_knn_graph
+
+    def graph_that_changes_threads(*args):
+        torch.set_num_threads(2 if torch.get_num_threads() == 1 else 1)
+        return real_graph(*args)
+
+    monkeypatch.setattr(subtypes, "_fuzzy_knn_graph", graph_that_changes_threads)
+    before = torch.get_num_threads()
+    points, truth = _two_groups(300)
+    labels = leiden_labels(points, resolution=0.1)
+    assert torch.get_num_threads() == before
+    assert adjusted_rand_score(truth, labels) > 0.99
