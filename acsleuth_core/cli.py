@@ -21,7 +21,9 @@ from .detect import AnomalyDetector, DetectorConfig
 from .errors import ACsleuthError, Cancelled, EmptyDataError, InputError
 from .export import atomic_path, cell_table, table_suffix, write_h5ad, write_table
 from .io import read_cells
+from .correction import METHODS as CORRECTION_METHODS
 from .correction import CorrectionConfig
+from .correction_quality import METRIC_NAMES, biology_lost
 from .pipeline import call_anomalies, correct_detection_run, detect_anomalies, drop_stage_keys, subtype_detection_run
 from .progress import ProgressEvent
 from .resemblance import describe_resemblance
@@ -75,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     correction.add_argument("--no-correct", dest="correct", action="store_false", help="skip batch correction")
     run.add_argument("--correction-epochs", type=int, help="training epochs of modules II and III (default: automatic)")
+    run.add_argument(
+        "--correction-method", choices=[m.replace("_", "-") for m in CORRECTION_METHODS], default="kin-shift",
+        help="kin-shift (default): measured expression minus the batch effect its kin pairs show; "
+        "style-transfer: the paper's module III, expression decoded from the style-free latent",
+    )
     run.add_argument(
         "--n-subtypes", default="auto", type=_n_subtypes,
         help="split the anomalies into K subtypes (module IV), 'auto' to choose K, or 0 to skip (default: auto)",
@@ -252,7 +259,7 @@ def _n_subtypes(text: str) -> int | str:
 
 
 def _correction_config(args: argparse.Namespace) -> CorrectionConfig:
-    config = CorrectionConfig.seeded(args.seed, args.device)
+    config = CorrectionConfig.seeded(args.seed, args.device, method=args.correction_method.replace("-", "_"))
     if args.correction_epochs is None:
         return config
     return dataclasses.replace(
@@ -263,13 +270,16 @@ def _correction_config(args: argparse.Namespace) -> CorrectionConfig:
 
 
 def _describe_metrics(metrics: dict) -> str:
-    names = {"batch_entropy": "batch mixing", "label_purity": "label purity"}
+    """One line of the expression-space metrics before → after, then any biology the correction lost."""
+    expression = metrics["expression"]
     parts = [
-        f"{label} {metrics['before'][key]:.3f} → {metrics['after'][key]:.3f}"
-        for key, label in names.items()
-        if key in metrics["after"]
+        f"{label} {expression['before'][key]:.3f} → {expression['after'][key]:.3f}"
+        for key, label in METRIC_NAMES.items()
+        if key in expression["after"]
     ]
-    return "batch correction: " + ", ".join(parts)
+    lost = biology_lost(metrics)
+    warning = f"\nwarning: biology was lost in correction: {'; '.join(lost)}" if lost else ""
+    return "batch correction: " + ", ".join(parts) + warning
 
 
 def _demo(args: argparse.Namespace) -> int:

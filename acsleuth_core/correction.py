@@ -1,13 +1,21 @@
-"""Batch correction around the anomalies: module II (kin pairs) then module III (style transfer).
+"""Batch correction around the anomalies: module II (kin pairs), then the corrected expression.
 
 ``correct_batches`` takes an annotated detection result, the model and the
 cells as the model saw them; it pairs the target cells below the anomaly
 threshold (the threshold's call, whatever the subtype stage later called
 normal, so the result does not depend on which stage ran last) with
-reference cells, learns per-batch styles from those pairs, corrects every
-target cell (anomalies too) and measures batch mixing and, when labels are
-given, label purity before and after. ``annotate_correction`` writes the
-result into the AnnData under the documented keys.
+reference cells and corrects every target cell, anomalies too, by one of two
+methods:
+
+* ``kin_shift`` (default): measured expression minus the batch effect the kin
+  pairs show around the cell (:mod:`kin_shift`); the corrected latent is
+  module I's encoding of that corrected expression.
+* ``style_transfer``: the paper's module III (:mod:`style`): expression decoded
+  from ``E(x) − S_b``, latent ``E(x) − S_b``.
+
+It then measures the correction (:mod:`correction_quality`).
+``annotate_correction`` writes the result into the AnnData under the
+documented keys.
 """
 
 from __future__ import annotations
@@ -24,24 +32,34 @@ from . import keys
 from .calls import threshold_calls, threshold_changed_since
 from .detect import AnomalyDetector
 from .errors import InputError
+from .correction_quality import REFERENCE_BATCH, Labels, correction_quality
 from .kin import KinConfig, KinPairs, find_kin_pairs
-from .metrics import DEFAULT_K, correction_metrics
+from .kin_shift import ShiftConfig, shift_corrected_expression
+from .metrics import DEFAULT_K
 from .model_inputs import ModelInputs
 from .progress import CancelToken, ProgressCallback
 from .style import StyleConfig, StyleTransfer
 
-REFERENCE_BATCH = "reference"
+KIN_SHIFT = "kin_shift"
+STYLE_TRANSFER = "style_transfer"
+METHODS = (KIN_SHIFT, STYLE_TRANSFER)
 #: fewest target cells called normal that correction can learn from
 MIN_NORMAL_CELLS = 10
 
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Settings of modules II and III and of the metrics."""
+    """Settings of module II, of the corrected expression (``method``: one of :data:`METHODS`) and of the metrics."""
 
     kin: KinConfig = field(default_factory=KinConfig)
+    method: str = KIN_SHIFT
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
     metrics_k: int = DEFAULT_K
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
 
     @classmethod
     def seeded(cls, seed: int, device: str = "auto", **overrides) -> "CorrectionConfig":
@@ -54,7 +72,10 @@ class CorrectionConfig:
         )
 
     def to_json(self) -> dict:
-        return {"kin": self.kin.to_json(), "style": self.style.to_json(), "metrics_k": self.metrics_k}
+        settings = {"kin": self.kin.to_json(), "method": self.method, "metrics_k": self.metrics_k}
+        if self.method == KIN_SHIFT:
+            return settings | {"shift": self.shift.to_json()}
+        return settings | {"style": self.style.to_json()}
 
 
 @dataclass
@@ -67,9 +88,9 @@ class CorrectionResult:
     corrected_expression: sp.csr_matrix
     reference_latent: np.ndarray
     reference_corrected_latent: np.ndarray
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, dict[str, float]]]
     pairs: KinPairs
-    style: StyleTransfer
+    style: Optional[StyleTransfer] = None
     label_key: Optional[str] = None
 
 
@@ -86,7 +107,8 @@ def correct_batches(
     """Correct the batch effects of an annotated detection result (``adata`` is not modified).
 
     ``label_key`` names an ``obs`` column present in both the targets and the
-    reference (e.g. a cell type); when given, label purity is measured too.
+    reference (e.g. a cell type); when given, label purity, label ASW and
+    reference transfer are measured too.
     """
     _check_aligned(adata, inputs)
     normal = ~threshold_calls(adata)
@@ -109,26 +131,34 @@ def correct_batches(
     pairs = find_kin_pairs(
         target_latent[normal], reference_latent, batches[normal], config.kin, progress=progress, cancel=cancel
     )
-    style = StyleTransfer(config.style).fit(
-        detector.generator, target_X[normal], batches[normal], pairs.kin, reference_X, pairs.offsets,
-        progress=progress, cancel=cancel,
-    )
-    corrected = style.correct(target_X, batches, cancel)
-    reference_corrected_latent = style.correct_latent(reference_X, None, cancel)
-    labels = _labels(adata, inputs, label_key, normal)
-    evaluation_batches = np.concatenate([batches[normal], np.full(len(reference_latent), REFERENCE_BATCH)])
-    metrics = {
-        stage: correction_metrics(np.vstack([targets[normal], reference]), evaluation_batches, labels, config.metrics_k)
-        for stage, targets, reference in (
-            ("before", target_latent, reference_latent),
-            ("after", corrected.latent, reference_corrected_latent),
+    style = None
+    if config.method == KIN_SHIFT:
+        corrected_expression = shift_corrected_expression(
+            target_X, target_latent, batches, normal, pairs.kin, reference_X, config.shift, cancel
         )
-    }
+        corrected_latent = detector.encode(corrected_expression)
+        reference_corrected_latent = reference_latent
+    else:
+        style = StyleTransfer(config.style).fit(
+            detector.generator, target_X[normal], batches[normal], pairs.kin, reference_X, pairs.offsets,
+            progress=progress, cancel=cancel,
+        )
+        corrected = style.correct(target_X, batches, cancel)
+        corrected_expression, corrected_latent = corrected.expression, corrected.latent
+        reference_corrected_latent = style.correct_latent(reference_X, None, cancel)
+    metrics = correction_quality(
+        reference_X, target_X[normal], corrected_expression[normal], batches[normal],
+        latents={
+            "before": (reference_latent, target_latent[normal]),
+            "after": (reference_corrected_latent, corrected_latent[normal]),
+        },
+        labels=_labels(adata, inputs, label_key, normal), k=config.metrics_k,
+    )
     return CorrectionResult(
         kin=_kin_names(inputs.reference.obs_names, pairs.kin, normal),
         kin_confidence=_on_normal(pairs.confidence, normal),
-        corrected_latent=corrected.latent,
-        corrected_expression=corrected.expression,
+        corrected_latent=corrected_latent,
+        corrected_expression=corrected_expression,
         reference_latent=reference_latent,
         reference_corrected_latent=reference_corrected_latent,
         metrics=metrics,
@@ -147,16 +177,16 @@ def annotate_correction(
     adata.obsm[keys.CORRECTED_LATENT] = result.corrected_latent
     adata.var[keys.MODEL_GENE] = adata.var_names.isin(genes)
     adata.layers[keys.CORRECTED] = _in_var_space(result.corrected_expression, genes, adata.var_names)
+    histories = {"kin": result.pairs.history} | ({"style": result.style.history} if result.style else {})
     history = {
         f"{stage}_{name}": np.asarray(values, dtype=np.float64)
-        for stage, source in (("kin", result.pairs.history), ("style", result.style.history))
+        for stage, source in histories.items()
         for name, values in source.items()
     }
     adata.uns[keys.UNS][keys.CORRECTION] = {
         "params": config.to_json() | {"label_key": result.label_key or ""},
         "metrics": result.metrics,
         "history": history,
-        "style_norms": {b: float(np.linalg.norm(v)) for b, v in zip(result.style.batch_names, _styles(result))},
         "n_kin_pairs": int(pd.notna(result.kin).sum()),
         "threshold": float(adata.uns[keys.UNS]["threshold"]["value"]),
     }
@@ -182,7 +212,7 @@ def _check_aligned(adata: ad.AnnData, inputs: ModelInputs) -> None:
         raise InputError("The model inputs do not belong to this result (cell names differ); reopen the run.")
 
 
-def _labels(adata: ad.AnnData, inputs: ModelInputs, label_key: Optional[str], normal: np.ndarray) -> Optional[np.ndarray]:
+def _labels(adata: ad.AnnData, inputs: ModelInputs, label_key: Optional[str], normal: np.ndarray) -> Optional[Labels]:
     if not label_key:
         return None
     if label_key not in shared_label_columns(adata, inputs):
@@ -190,8 +220,9 @@ def _labels(adata: ad.AnnData, inputs: ModelInputs, label_key: Optional[str], no
             f"'{label_key}' is not an obs column of both the targets and the reference; "
             f"choose one of: {', '.join(shared_label_columns(adata, inputs)) or '(none)'}."
         )
-    return np.concatenate(
-        [adata.obs[label_key].astype(str).to_numpy()[normal], inputs.reference.obs[label_key].astype(str).to_numpy()]
+    return Labels(
+        reference=inputs.reference.obs[label_key].astype(str).to_numpy(),
+        target=adata.obs[label_key].astype(str).to_numpy()[normal],
     )
 
 
@@ -225,6 +256,3 @@ def _in_var_space(expression: sp.csr_matrix, genes: list[str], var_names: pd.Ind
     placed.sort_indices()
     return placed
 
-
-def _styles(result: CorrectionResult) -> np.ndarray:
-    return result.style.generator.styles.detach().numpy()

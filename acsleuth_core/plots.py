@@ -249,14 +249,15 @@ def colourable_columns(obs: pd.DataFrame, *, max_categories: int = 50) -> list[s
 
 
 def correction_loss_curves(adata: ad.AnnData) -> go.Figure:
-    """Training curves of modules II and III by epoch: one row per module, one panel per loss."""
+    """Training curves of the correction's GANs by epoch (module II, and module III when it ran): one row per
+    module, one panel per loss."""
     history = adata.uns[keys.UNS][keys.CORRECTION]["history"]
+    stages = {s: label for s, label in CORRECTION_STAGES.items() if any(k.startswith(f"{s}_") for k in history)}
     losses = list(LOSS_LABELS)
     fig = make_subplots(
-        rows=len(CORRECTION_STAGES), cols=len(losses), subplot_titles=[LOSS_LABELS[n] for n in losses],
-        vertical_spacing=0.12,
+        rows=len(stages), cols=len(losses), subplot_titles=[LOSS_LABELS[n] for n in losses], vertical_spacing=0.12,
     )
-    for row, (stage, stage_label) in enumerate(CORRECTION_STAGES.items(), start=1):
+    for row, (stage, stage_label) in enumerate(stages.items(), start=1):
         for col, name in enumerate(losses, start=1):
             values = np.asarray(history.get(f"{stage}_{name}", []), dtype=float)
             fig.add_trace(
@@ -264,9 +265,9 @@ def correction_loss_curves(adata: ad.AnnData) -> go.Figure:
                 row=row, col=col,
             )
         fig.update_yaxes(title_text=stage_label, row=row, col=1)
-    fig.update_xaxes(title_text="epoch", row=len(CORRECTION_STAGES))
+    fig.update_xaxes(title_text="epoch", row=len(stages))
     fig.update_annotations(font_size=12)
-    fig.update_layout(height=520, margin=dict(t=40, l=10, r=10, b=10))
+    fig.update_layout(height=260 * len(stages), margin=dict(t=40, l=10, r=10, b=10))
     return fig
 
 

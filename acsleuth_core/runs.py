@@ -259,7 +259,7 @@ def start_correction_run(
         adata, inputs, detector = run.load_result(), run.load_inputs(), run.load_detector()
         result = correct_batches(adata, inputs, detector, config, label_key=label_key, progress=progress, cancel=cancel)
         annotate_correction(adata, result, inputs.genes, config)
-        layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.style.seed)
+        layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.kin.seed)
         return store.save_correction(run, adata, layout, result.metrics)
 
     return registry.start(_tracked(store, run, "correction", work), name=f"{run.info.get('name', run.id)} · correction")

@@ -81,7 +81,7 @@ def poisson_cells(profiles: np.ndarray, types: np.ndarray, rng: np.random.Genera
 def synthetic_data(
     n_reference: int, n_target: int, n_genes: int, seed: int, expression_scale: float = 1.0
 ) -> SyntheticData:
-    """Reference of normal types only; target with ~10% cells of an extra (anomalous) type."""
+    """Reference of normal types only; target with ~10% cells of an extra (anomalous) type; ``obs["cell_type"]``."""
     import anndata as ad
     import pandas as pd
 
@@ -94,7 +94,8 @@ def synthetic_data(
     genes = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
 
     def make(types: np.ndarray, prefix: str) -> ad.AnnData:
-        obs = pd.DataFrame(index=[f"{prefix}{i}" for i in range(types.size)])
+        names = np.where(types == anomalous_type, "anomalous", np.char.add("type_", types.astype(str)))
+        obs = pd.DataFrame({"cell_type": pd.Categorical(names)}, index=[f"{prefix}{i}" for i in range(types.size)])
         return ad.AnnData(poisson_cells(profiles, types, rng), obs=obs, var=genes)
 
     return SyntheticData(make(reference_types, "ref"), make(target_types, "cell"), truth)

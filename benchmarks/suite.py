@@ -56,7 +56,6 @@ except ImportError:  # pragma: no cover
     from benchmarks import baselines, tasks
 
 SCRIPT = "benchmarks/suite.py"
-SHIFT_SIGMA = 0.5
 RARE_SHARE = 0.03
 MIN_TYPE_CELLS = 20
 PBMC_PAIRS = (("CD19+ B", "CD56+ NK"), ("CD14+ Monocyte", "CD56+ NK"), ("CD4+/CD25 T Reg", "CD8+ Cytotoxic T"), ("CD19+ B", "CD14+ Monocyte"))
@@ -82,29 +81,6 @@ class TaskSpec:
 
 
 # ------------------------------------------------------------------ building
-def _gene_shift(counts, rng: np.random.Generator):
-    """Counts redrawn with every gene's mean multiplied by ``exp(N(0, SHIFT_SIGMA²))``."""
-    import scipy.sparse as sp
-
-    factor = np.exp(rng.normal(0.0, SHIFT_SIGMA, counts.shape[1]))
-    return sp.csr_matrix(rng.poisson(counts.toarray() * factor).astype(np.float32))
-
-
-def _assemble(reference, target, truth: np.ndarray, shift: str, seed: int) -> "tasks.Task":
-    """Split ``target`` at random into two samples and apply the shift (none, half, all)."""
-    rng = np.random.default_rng(seed + 7)
-    in_b = rng.random(target.n_obs) < 0.5
-    samples = {"sample_A": target[~in_b].copy(), "sample_B": target[in_b].copy()}
-    shifted = {"none": (), "half": ("sample_B",), "all": ("sample_A", "sample_B")}[shift]
-    if shifted:
-        factor_rng = np.random.default_rng(seed + 11)  # one technology: the same gene factors on each shifted sample
-        state = factor_rng.bit_generator.state
-        for name in shifted:
-            factor_rng.bit_generator.state = state
-            samples[name].X = _gene_shift(samples[name].X, factor_rng)
-    return tasks.Task(reference, samples, np.concatenate([truth[~in_b], truth[in_b]]))
-
-
 def _pbmc_source():
     import scanpy as sc
 
@@ -135,7 +111,7 @@ def pbmc_task(anomalous: tuple[str, ...], shift: str, rare: bool = False) -> Cal
             keep = max(3, round(RARE_SHARE * n_normal_target / (1 - RARE_SHARE)))
             in_target[rng.permutation(anomalies)[keep:]] = False
         target = cells[in_target].copy()
-        return _assemble(cells[in_reference].copy(), target, is_anomaly[in_target], shift, seed)
+        return tasks.split_and_shift(cells[in_reference].copy(), target, is_anomaly[in_target], shift, seed)
 
     return build
 
@@ -190,7 +166,7 @@ def cellbench_classic(shift: str, rare: bool = False, anomaly_free: bool = False
             n_keep = round(RARE_SHARE * np.sum(~is_anomaly) / (1 - RARE_SHARE))
             keep[rng.permutation(anomalies)[n_keep:]] = False
         target = plates[keep].copy()
-        return _assemble(reference, target, is_anomaly[keep], shift, seed)
+        return tasks.split_and_shift(reference, target, is_anomaly[keep], shift, seed)
 
     return build
 
@@ -202,7 +178,7 @@ def synthetic_task(seed: int) -> "tasks.Task":
         from benchmarks import memory
 
     data = memory.synthetic_data(1500, 6000, 2000, seed, expression_scale=0.3)
-    return _assemble(data.reference, data.target, data.truth, "half", seed)
+    return tasks.split_and_shift(data.reference, data.target, data.truth, "half", seed)
 
 
 def task_specs() -> list[TaskSpec]:

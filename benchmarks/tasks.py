@@ -30,6 +30,8 @@ CELLBENCH_TASKS = {
     "cellbench-3types": ("sc_celseq2", ("H1975", "HCC827")),
 }
 CELLBENCH_PLATES = ("sc_celseq2_5cl_p1", "sc_celseq2_5cl_p2", "sc_celseq2_5cl_p3")
+#: a synthetic gene-wise batch effect multiplies every gene's mean count by exp(N(0, SHIFT_SIGMA²))
+SHIFT_SIGMA = 0.5
 
 
 @dataclass
@@ -72,3 +74,26 @@ def _cellbench_task(reference_set: str, normal_lines: tuple[str, ...]) -> Task:
     targets = {plate.removeprefix("sc_"): cells[dataset == plate].copy() for plate in CELLBENCH_PLATES}
     truth = np.concatenate([~t.obs["cell_line"].isin(normal_lines).to_numpy() for t in targets.values()])
     return Task(reference, targets, truth)
+
+
+def gene_shift(counts, rng: np.random.Generator):
+    """Counts redrawn with every gene's mean multiplied by ``exp(N(0, SHIFT_SIGMA²))``."""
+    import scipy.sparse as sp
+
+    factor = np.exp(rng.normal(0.0, SHIFT_SIGMA, counts.shape[1]))
+    return sp.csr_matrix(rng.poisson(counts.toarray() * factor).astype(np.float32))
+
+
+def split_and_shift(reference, target, truth: np.ndarray, shift: str, seed: int) -> Task:
+    """Split ``target`` at random into two samples and apply the shift (none, half, all)."""
+    rng = np.random.default_rng(seed + 7)
+    in_b = rng.random(target.n_obs) < 0.5
+    samples = {"sample_A": target[~in_b].copy(), "sample_B": target[in_b].copy()}
+    shifted = {"none": (), "half": ("sample_B",), "all": ("sample_A", "sample_B")}[shift]
+    if shifted:
+        factor_rng = np.random.default_rng(seed + 11)  # one technology: the same gene factors on each shifted sample
+        state = factor_rng.bit_generator.state
+        for name in shifted:
+            factor_rng.bit_generator.state = state
+            samples[name].X = gene_shift(samples[name].X, factor_rng)
+    return Task(reference, samples, np.concatenate([truth[~in_b], truth[in_b]]))

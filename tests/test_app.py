@@ -151,7 +151,11 @@ def test_correction_runs_in_the_background_and_shows_metrics_and_maps():
     assert not at.exception
     assert not at.warning, [w.value for w in at.warning]
     labels = [m.label for m in at.metric]
-    assert labels == ["Batch mixing (kNN batch entropy)", "iLISI", "Label purity (cell_type)"]
+    assert labels == [
+        "Batch mixing (kNN entropy)", "iLISI", "kNN label purity (cell_type)", "Label silhouette (ASW) (cell_type)",
+        "Reference transfer (cell_type)",
+    ]
+    assert any("Biology kept" in s.value for s in at.success)
     for metric in at.metric:
         assert 0.0 <= float(metric.value) <= 1.0
         assert "before" in metric.proto.delta

@@ -77,7 +77,7 @@ def test_run_corrects_batches_by_default_when_targets_hold_two_batches(demo_run)
     assert adata.obs[keys.KIN][normal].notna().all() and adata.obs[keys.KIN][~normal].isna().all()
     assert adata.obsm[keys.CORRECTED_LATENT].shape[0] == adata.n_obs
     assert adata.layers[keys.CORRECTED].shape == adata.shape
-    assert set(adata.uns[keys.UNS][keys.CORRECTION]["metrics"]) == {"before", "after"}
+    assert set(adata.uns[keys.UNS][keys.CORRECTION]["metrics"]) == {"expression", "latent"}
     cells = pd.read_csv(table)
     assert cells[keys.KIN].notna().sum() == normal.sum()
 

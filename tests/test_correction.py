@@ -1,6 +1,7 @@
 """Batch correction: neighbours, metrics, kin pairs (module II), style transfer (module III), pipeline."""
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 import textwrap
@@ -243,15 +244,48 @@ def test_corrected_layer_fills_the_model_genes_only(corrected):
     assert layer.data.min() >= 0
 
 
-def test_metrics_before_and_after_are_recorded(corrected):
+def test_metrics_before_and_after_are_recorded_in_both_spaces(corrected):
     _, run, _, result = corrected
     saved = run.adata.uns[keys.UNS][keys.CORRECTION]
-    for stage in ("before", "after"):
-        assert set(saved["metrics"][stage]) == {"batch_entropy", "ilisi", "label_purity"}
-        assert all(0 <= v <= 1 for v in saved["metrics"][stage].values())
+    names = {"batch_entropy", "ilisi", "label_purity", "label_asw", "reference_transfer"}
+    for space in ("expression", "latent"):
+        for stage in ("before", "after"):
+            assert set(saved["metrics"][space][stage]) == names
+            assert all(0 <= v <= 1 for v in saved["metrics"][space][stage].values())
     assert saved["metrics"] == result.metrics
     assert saved["n_kin_pairs"] == int((~run.adata.obs[keys.ANOMALY]).sum())
-    assert len(saved["history"]["style_reconstruction"]) == FAST.style.epochs
+    assert saved["params"]["method"] == "kin_shift"
+    assert "style_reconstruction" not in saved["history"] and len(saved["history"]["kin_critic"]) == FAST.kin.epochs
+
+
+def test_kin_shift_mixes_the_demo_samples_and_keeps_its_cell_types(corrected):
+    _, _, _, result = corrected
+    before, after = result.metrics["expression"]["before"], result.metrics["expression"]["after"]
+    assert after["batch_entropy"] >= before["batch_entropy"] + 0.1
+    for name in ("label_purity", "reference_transfer"):
+        assert after[name] >= before[name] - 0.02
+
+
+def test_the_kin_shift_layer_is_measured_expression_minus_a_smooth_shift(corrected):
+    """Each corrected cell stays closest to its own measured profile: nothing is decoded."""
+    _, run, _, result = corrected
+    measured = ModelInputs.from_prepared(run.prepared).target.X.toarray()
+    layer = result.corrected_expression.toarray()
+    own = np.array([np.corrcoef(layer[i], measured[i])[0, 1] for i in range(50)])
+    other = np.array([np.corrcoef(layer[i], measured[i + 1])[0, 1] for i in range(50)])
+    assert (own > other).all()
+    np.testing.assert_allclose(result.corrected_latent, run.detector.encode(result.corrected_expression), atol=1e-5)
+
+
+def test_style_transfer_is_the_papers_module_three(corrected):
+    _, run, _, _ = corrected
+    adata = run.adata.copy()
+    config = replace(FAST, method="style_transfer")
+    result = correct_batches(adata, ModelInputs.from_prepared(run.prepared), run.detector, config)
+    assert result.style is not None and len(result.style.history["reconstruction"]) == FAST.style.epochs
+    assert set(result.metrics["expression"]["after"]) == {"batch_entropy", "ilisi"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        CorrectionConfig(method="decoded")
 
 
 def test_correction_leaves_the_detection_results_alone(corrected):

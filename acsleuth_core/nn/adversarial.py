@@ -145,7 +145,7 @@ def train_adversarial(
     counted across epochs, so every ``n_critic``-th mini-batch trains the generator.
     """
     opt_g = _generator_optimiser(task.generator, config)
-    opt_d = torch.optim.Adam(task.critic.parameters(), lr=config.critic_learning_rate, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(task.critic.parameters(), lr=config.critic_learning_rate, betas=(0.5, 0.9), foreach=True)
     history: dict[str, list[float]] = {"reconstruction": [], "generator": [], "critic": [], "wasserstein": []}
     task.generator.train()
     task.critic.train()
@@ -191,7 +191,7 @@ def _generator_optimiser(generator: nn.Module, config: AdversarialConfig) -> tor
         return torch.optim.SparseAdam(list(generator.parameters()), lr=config.learning_rate, betas=(0.5, 0.9))
     if config.generator_optimiser == "adam":
         return torch.optim.Adam(
-            generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay
+            generator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9), weight_decay=config.weight_decay, foreach=True
         )
     raise ValueError(f"generator_optimiser must be 'adam' or 'sparse_adam', not {config.generator_optimiser!r}")
 
