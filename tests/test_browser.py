@@ -107,8 +107,12 @@ def _correct(page, *, method: str, labels: str) -> None:
     page.get_by_role("option", name=labels, exact=True).click()
     # no Enter: inside a form it submits, and the button click would start a second correction
     page.get_by_role("spinbutton", name="Epochs per module (0 = automatic)").fill("5")
+    results = page.get_by_text("Batch mixing and biology")
+    earlier = results.count() > 0
     page.get_by_role("button", name="Correct batches").click()
-    page.get_by_text("Batch mixing and biology").wait_for(timeout=240_000)
+    if earlier:  # the last correction's numbers go while the new one runs
+        results.wait_for(state="detached", timeout=60_000)
+    results.wait_for(timeout=240_000)
     page.locator("[data-testid='stMetric']").nth(4).wait_for(timeout=30_000)
 
 
@@ -139,7 +143,9 @@ def test_demo_trains_shows_scores_corrects_finds_subtypes_exports_and_survives_a
     _shot_tall(page, "correct_style_transfer_warning", 1600)
     page.get_by_text("Correct batches", exact=True).first.click()  # reopen the form
     _correct(page, method="Kin shift", labels="cell_type")
-    page.get_by_text("Biology kept").wait_for(timeout=30_000)
+    page.get_by_text("Biology kept: every").wait_for(timeout=30_000)
+    page.wait_for_timeout(3000)
+    assert page.get_by_role("button", name="Cancel correction").count() == 0, "one click started one correction"
     for metric in ("iLISI", "Reference transfer (cell_type)", "Label silhouette (ASW) (cell_type)"):
         assert page.get_by_text(metric).count() >= 1, metric
     page.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)
