@@ -21,7 +21,7 @@ documented keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import anndata as ad
 import numpy as np
@@ -131,41 +131,55 @@ def correct_batches(
     pairs = find_kin_pairs(
         target_latent[normal], reference_latent, batches[normal], config.kin, progress=progress, cancel=cancel
     )
-    style = None
-    if config.method == KIN_SHIFT:
-        corrected_expression = shift_corrected_expression(
-            target_X, target_latent, batches, normal, pairs.kin, reference_X, config.shift, cancel
-        )
-        corrected_latent = detector.encode(corrected_expression)
-        reference_corrected_latent = reference_latent
-    else:
-        style = StyleTransfer(config.style).fit(
-            detector.generator, target_X[normal], batches[normal], pairs.kin, reference_X, pairs.offsets,
-            progress=progress, cancel=cancel,
-        )
-        corrected = style.correct(target_X, batches, cancel)
-        corrected_expression, corrected_latent = corrected.expression, corrected.latent
-        reference_corrected_latent = style.correct_latent(reference_X, None, cancel)
+    corrected = _correct_cells(
+        config, detector, pairs, target_X, target_latent, batches, normal, reference_X, reference_latent, progress, cancel
+    )
     metrics = correction_quality(
-        reference_X, target_X[normal], corrected_expression[normal], batches[normal],
+        reference_X, target_X[normal], corrected.expression[normal], batches[normal],
         latents={
             "before": (reference_latent, target_latent[normal]),
-            "after": (reference_corrected_latent, corrected_latent[normal]),
+            "after": (corrected.reference_latent, corrected.latent[normal]),
         },
         labels=_labels(adata, inputs, label_key, normal), k=config.metrics_k,
     )
     return CorrectionResult(
         kin=_kin_names(inputs.reference.obs_names, pairs.kin, normal),
         kin_confidence=_on_normal(pairs.confidence, normal),
-        corrected_latent=corrected_latent,
-        corrected_expression=corrected_expression,
+        corrected_latent=corrected.latent,
+        corrected_expression=corrected.expression,
         reference_latent=reference_latent,
-        reference_corrected_latent=reference_corrected_latent,
+        reference_corrected_latent=corrected.reference_latent,
         metrics=metrics,
         pairs=pairs,
-        style=style,
+        style=corrected.style,
         label_key=label_key,
     )
+
+
+class _Corrected(NamedTuple):
+    expression: sp.csr_matrix
+    latent: np.ndarray
+    reference_latent: np.ndarray
+    style: Optional[StyleTransfer]
+
+
+def _correct_cells(
+    config: CorrectionConfig, detector: AnomalyDetector, pairs: KinPairs, target_X: sp.csr_matrix,
+    target_latent: np.ndarray, batches: np.ndarray, normal: np.ndarray, reference_X: sp.csr_matrix,
+    reference_latent: np.ndarray, progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
+) -> _Corrected:
+    """Every target cell's corrected expression and latent by the configured method, and the reference's latent."""
+    if config.method == KIN_SHIFT:
+        expression = shift_corrected_expression(
+            target_X, target_latent, batches, normal, pairs.kin, reference_X, config.shift, cancel
+        )
+        return _Corrected(expression, detector.encode(expression), reference_latent, None)
+    style = StyleTransfer(config.style).fit(
+        detector.generator, target_X[normal], batches[normal], pairs.kin, reference_X, pairs.offsets,
+        progress=progress, cancel=cancel,
+    )
+    corrected = style.correct(target_X, batches, cancel)
+    return _Corrected(corrected.expression, corrected.latent, style.correct_latent(reference_X, None, cancel), style)
 
 
 def annotate_correction(
