@@ -87,8 +87,6 @@ METHODS = ("uncorrected", "ComBat", "Harmony", "ACsleuth")
 REFERENCE_BATCH = "reference"  # as in acsleuth_core.correction
 N_PCS = 50
 K = 15
-ENTROPY_TARGET = 0.8
-PURITY_TOLERANCE = 0.05
 
 HARD_SEED = 20261124
 HARD_GENE_SIGMA = 0.8
