@@ -459,13 +459,14 @@ def main(argv=None) -> None:
     print(command, flush=True)
     digests = common.package_digests()
     code = common.code_state(digests)
+    name = "suite_quick" if args.quick else "suite"
     rows = []
     for seed in args.seeds:
         for spec in specs:
             common.log(f"{spec.name}, seed {seed} …")
             rows.append(run_task(spec, seed, args.stability))
-    name = "suite_quick" if args.quick else "suite"
-    common.write_json(f"{name}.json", {"command": command, "code": code, "rows": rows})
+            # after every task, so a run cut short still leaves what it measured
+            common.write_json(f"{name}.json", {"command": command, "code": code, "rows": rows})
     report = render(command, code, rows)
     print(report)
     common.log(f"written to {common.write_result(f'{name}.md', report)}")
