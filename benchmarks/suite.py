@@ -334,10 +334,12 @@ def run_task(spec: TaskSpec, seed: int, stability: bool) -> dict:
         "batches": batches.tolist(),
     }
     if stability:
-        _, one_thread, _, _ = run_acsleuth(task, seed, threads=1)
+        one_thread_scored, one_thread, _, _ = run_acsleuth(task, seed, threads=1)
         _, shuffled, _, _ = run_acsleuth(task, seed, shuffle_reference=True)
         row["agreement 1 thread"] = float(np.mean(one_thread == calls))
         row["agreement shuffled"] = float(np.mean(shuffled == calls))
+        # so a calling rule or a join can be judged on stability without retraining (score_rules.py)
+        row["scores 1 thread"] = {name: (s.target.tolist(), s.reference.tolist()) for name, s in one_thread_scored.items()}
     return row
 
 
