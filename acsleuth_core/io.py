@@ -28,6 +28,7 @@ from .errors import (
     InputError,
     NonFiniteValuesError,
 )
+from .preflight import check_hdf5
 
 ACCEPTED_FORMATS = (
     "an AnnData file (.h5ad), a 10x Cell Ranger HDF5 file (.h5), a 10x matrix folder "
@@ -183,6 +184,7 @@ def _read_kind(path: Path, kind: str) -> ad.AnnData:
         with warnings.catch_warnings():
             # duplicates are made unique (10x) or reported by validate_matrix
             warnings.filterwarnings("ignore", message=".* names are not unique")
+            _check_declared(path, kind)
             return readers[kind](path)
     except (ACsleuthError, MemoryError):
         raise
@@ -192,6 +194,12 @@ def _read_kind(path: Path, kind: str) -> ad.AnnData:
             "corrupt, cut short by an interrupted upload or download, or not really in the "
             "format its name says: check it, or export it again."
         ) from err
+
+
+def _check_declared(path: Path, kind: str) -> None:
+    """What the file declares, checked before anything is read from it (:mod:`preflight`)."""
+    if kind in ("h5ad", "10x_h5"):
+        check_hdf5(path)
 
 
 def _read_10x_h5(path: Path) -> ad.AnnData:
