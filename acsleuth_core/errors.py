@@ -4,6 +4,8 @@ Every message says what is wrong and what to do about it, in words a
 biologist can act on; the app shows the message, never a traceback.
 """
 
+from contextlib import contextmanager
+
 
 class ACsleuthError(Exception):
     """Base class for every error ACsleuth raises on purpose."""
@@ -19,6 +21,10 @@ class FileFormatError(InputError):
 
 class FileTooLargeError(InputError):
     """A file is larger than the configured limit."""
+
+
+class MatrixTooLargeError(InputError):
+    """A matrix declares more values than the configured limit, or does not fit in memory."""
 
 
 class EmptyDataError(InputError):
@@ -47,3 +53,16 @@ class ModelError(ACsleuthError):
 
 class Cancelled(ACsleuthError):
     """Work was cancelled by the user."""
+
+
+@contextmanager
+def memory_error_as_input(task: str):
+    """Turn a ``MemoryError`` inside the block into a :class:`MatrixTooLargeError` saying it could not ``task``."""
+    try:
+        yield
+    except MemoryError as err:
+        raise MatrixTooLargeError(
+            f"This server has not enough memory to {task}: give fewer cells or genes (e.g. one sample "
+            "at a time, or the filtered rather than the raw 10x matrix), or run ACsleuth on a machine "
+            "with more memory."
+        ) from err

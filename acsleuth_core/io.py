@@ -27,8 +27,9 @@ from .errors import (
     FileTooLargeError,
     InputError,
     NonFiniteValuesError,
+    memory_error_as_input,
 )
-from .preflight import check_hdf5
+from .preflight import check_hdf5, check_mtx_header
 
 ACCEPTED_FORMATS = (
     "an AnnData file (.h5ad), a 10x Cell Ranger HDF5 file (.h5), a 10x matrix folder "
@@ -44,7 +45,9 @@ def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.A
     """Read a cell × gene file or 10x folder into a validated AnnData.
 
     ``X`` is CSR float32; cell and gene names are unique (duplicate gene
-    symbols in 10x data are made unique, as Cell Ranger users expect).
+    symbols in 10x data are made unique, as Cell Ranger users expect). What
+    the file declares is checked first (:mod:`preflight`): nothing outside the
+    file, no array beyond ``$ACSLEUTH_MAX_MATRIX_ENTRIES`` values.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -53,9 +56,10 @@ def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.A
         )
     kind = _file_kind(path)
     _check_size(path, kind, max_bytes)
-    adata = _read_kind(path, kind)
-    validate_matrix(adata, name=path.name)
-    adata.X = as_csr32(adata.X)
+    with memory_error_as_input(f"read '{path.name}'"):
+        adata = _read_kind(path, kind)
+        validate_matrix(adata, name=path.name)
+        adata.X = as_csr32(adata.X)
     return adata
 
 
@@ -200,6 +204,8 @@ def _check_declared(path: Path, kind: str) -> None:
     """What the file declares, checked before anything is read from it (:mod:`preflight`)."""
     if kind in ("h5ad", "10x_h5"):
         check_hdf5(path)
+    elif kind == "10x_mtx":
+        check_mtx_header(_mtx_files(path)["matrix"])
 
 
 def _read_10x_h5(path: Path) -> ad.AnnData:

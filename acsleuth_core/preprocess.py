@@ -19,7 +19,9 @@ import scanpy as sc
 from scipy import sparse
 
 from . import keys
-from .errors import DuplicateNamesError, EmptyDataError, GeneOverlapError, InputError, ValueKindError
+from .errors import (
+    DuplicateNamesError, EmptyDataError, GeneOverlapError, InputError, ValueKindError, memory_error_as_input,
+)
 from .io import as_csr32, validate_matrix
 
 
@@ -189,6 +191,18 @@ def prepare(
     names an obs column every target has. A single AnnData target is named
     "target".
     """
+    with memory_error_as_input("prepare the reference and targets"):
+        return _prepare(reference, targets, batch_key=batch_key, n_hvg=n_hvg, declared=declared)
+
+
+def _prepare(
+    reference: ad.AnnData,
+    targets: Mapping[str, ad.AnnData] | ad.AnnData,
+    *,
+    batch_key: str | None,
+    n_hvg: int | str,
+    declared: str,
+) -> PreparedData:
     targets = _target_dict(targets)
     _require_anndata(reference, "reference")
     validate_matrix(reference, name="reference")

@@ -1,14 +1,21 @@
 """Hostile or broken input files: refused with a clear message, before they can do harm."""
 
+import json
+import subprocess
+import sys
+
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
+from acsleuth_core import io, preprocess
 from acsleuth_core.cli import main
-from acsleuth_core.errors import FileFormatError
+from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError
 from acsleuth_core.io import read_cells
+from acsleuth_core.preflight import MAX_MATRIX_ENTRIES
 
 #: a value no test matrix holds, so its bytes would show in anything read from the secret file
 SECRET_VALUE = 1234.5
@@ -105,3 +112,124 @@ def test_cli_refuses_an_h5ad_with_an_external_link_in_one_line(tmp_path, secret,
     assert main(["run", "--reference", str(path), "--target", str(path), "--out", str(out)]) == 2
     assert "link to another file" in _one_error_line(capsys)
     assert not out.exists()
+
+
+# --- memory bombs: small files declaring huge matrices -------------------------------------
+
+#: the peak a refused bomb may reach: far below what reading any of them would take (3.4 GB and up)
+BOMB_PEAK_LIMIT_MB = 1536
+#: address space the reading process may reserve, so a bomb that got through fails fast instead of
+#: eating the shared machine's memory (importing the readers alone reserves about 1 GB)
+CHILD_ADDRESS_SPACE = 3 * 2**30
+READ_IN_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+from acsleuth_core.io import read_cells
+try:
+    read_cells(sys.argv[1])
+    outcome = {{"error": None, "message": ""}}
+except Exception as error:
+    outcome = {{"error": type(error).__name__, "message": str(error)}}
+# VmHWM: this process's own peak resident memory (ru_maxrss would start from the parent's at the fork)
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+outcome["peak_mb"] = peak_kb / 1024
+print(json.dumps(outcome))
+"""
+
+
+def _read_in_child(path) -> dict:
+    """read_cells(path) in a fresh process: the error it raised and the process's peak resident memory."""
+    script = READ_IN_CHILD.format(limit=CHILD_ADDRESS_SPACE)
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _dense_bomb(path):
+    _small_adata().write_h5ad(path)
+    _replace_x(path, lambda f: f.create_dataset("X", shape=(30_000, 30_000), dtype=np.float32))  # never written
+
+
+def _nnz_bomb(path):
+    adata = _small_adata()
+    adata.X = sparse.csr_matrix(adata.X)
+    adata.write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        for name, dtype in (("data", np.float32), ("indices", np.int64)):
+            del f["X"][name]
+            f["X"].create_dataset(name, shape=(3_000_000_000,), dtype=dtype)
+
+
+def _shape_bomb(path):
+    adata = _small_adata()
+    adata.X = sparse.csr_matrix(adata.X)
+    adata.write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        f["X"].attrs["shape"] = np.array([2_000_000_000, 2_000_000_000])
+
+
+def _mtx_bomb(path):
+    path.mkdir()
+    (path / "matrix.mtx").write_text("%%MatrixMarket matrix coordinate integer general\n%\n3 2000000000 2\n1 1 5\n2 7 3\n")
+    (path / "features.tsv").write_text("".join(f"ENSG{i}\tG{i}\tGene Expression\n" for i in range(3)))
+    (path / "barcodes.tsv").write_text("AAAC-1\nAAAG-1\n")
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "declared"),
+    [
+        (_dense_bomb, "dense.h5ad", "900,000,000 values (30,000 × 30,000) in 'X'"),
+        (_nnz_bomb, "nnz.h5ad", "3,000,000,000 values (3,000,000,000) in 'X/data'"),
+        (_shape_bomb, "shape.h5ad", "a 2,000,000,000 × 2,000,000,000 matrix in 'X'"),
+        (_mtx_bomb, "sample", "2,000,000,000 cells in its header"),
+    ],
+)
+def test_a_declared_huge_matrix_is_refused_before_memory_is_spent(tmp_path, make, name, declared):
+    path = tmp_path / name
+    make(path)
+    outcome = _read_in_child(path)
+    assert outcome["error"] == "MatrixTooLargeError", outcome
+    assert declared in outcome["message"] and f"{MAX_MATRIX_ENTRIES:,}" in outcome["message"]
+    assert "ACSLEUTH_MAX_MATRIX_ENTRIES" in outcome["message"]
+    assert outcome["peak_mb"] < BOMB_PEAK_LIMIT_MB, outcome
+
+
+def test_cli_refuses_a_matrix_bomb_in_one_line(tmp_path, capsys):
+    _mtx_bomb(tmp_path / "sample")
+    out = tmp_path / "out.h5ad"
+    args = ["run", "--reference", str(tmp_path / "sample"), "--target", str(tmp_path / "sample"), "--out", str(out)]
+    assert main(args) == 2
+    assert "2,000,000,000 cells" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_the_limit_is_set_by_an_environment_variable(tmp_path, monkeypatch):
+    path = tmp_path / "small.h5ad"
+    _small_adata().write_h5ad(path)
+    monkeypatch.setenv("ACSLEUTH_MAX_MATRIX_ENTRIES", "11")
+    with pytest.raises(MatrixTooLargeError, match="12 values"):
+        read_cells(path)
+    monkeypatch.setenv("ACSLEUTH_MAX_MATRIX_ENTRIES", "12")
+    assert read_cells(path).shape == (4, 3)
+    monkeypatch.setenv("ACSLEUTH_MAX_MATRIX_ENTRIES", "lots")
+    with pytest.raises(ACsleuthError, match="ACSLEUTH_MAX_MATRIX_ENTRIES must be a whole number"):
+        read_cells(path)
+
+
+def _out_of_memory(*args, **kwargs):
+    raise MemoryError
+
+
+def test_running_out_of_memory_while_reading_is_an_input_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.h5ad"
+    _small_adata().write_h5ad(path)
+    monkeypatch.setattr(io.ad, "read_h5ad", _out_of_memory)
+    with pytest.raises(MatrixTooLargeError, match="not enough memory to read 'big.h5ad'"):
+        read_cells(path)
+
+
+def test_running_out_of_memory_while_preparing_is_an_input_error(monkeypatch):
+    monkeypatch.setattr(preprocess.sc.pp, "normalize_total", _out_of_memory)
+    counts = _small_adata(n_cells=6, n_genes=300)
+    with pytest.raises(MatrixTooLargeError, match="not enough memory to prepare the reference and targets"):
+        preprocess.prepare(counts, {"t": counts.copy()}, n_hvg="all")
