@@ -39,6 +39,10 @@ class NonFiniteValuesError(InputError):
     """The expression matrix holds NaN or infinite values."""
 
 
+class ValueRangeError(InputError):
+    """The matrix holds values far too large to be expression measurements."""
+
+
 class ValueKindError(InputError):
     """The values are not what was declared (raw counts vs log-normalised), or are neither."""
 

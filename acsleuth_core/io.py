@@ -27,6 +27,7 @@ from .errors import (
     FileTooLargeError,
     InputError,
     NonFiniteValuesError,
+    ValueRangeError,
     memory_error_as_input,
 )
 from .preflight import check_hdf5, check_mtx_header
@@ -39,6 +40,9 @@ ACCEPTED_FORMATS = (
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 5_000
+#: largest value a matrix may hold: the largest whole number a 32-bit float holds exactly, far
+#: above any count of one gene's molecules in one cell or any normalised value
+MAX_VALUE = 2**24
 
 
 def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.AnnData:
@@ -64,12 +68,14 @@ def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.A
 
 
 def validate_matrix(adata: ad.AnnData, *, name: str) -> None:
-    """Raise a typed error if ``adata`` is empty, has one cell, non-finite values or duplicate names."""
+    """Raise a typed error if ``adata`` is empty, has one cell, duplicate names, or values that are
+    non-finite or beyond :data:`MAX_VALUE`."""
     _check_shape(adata, name)
     _check_numeric(adata.X, name)
     _check_unique(adata.obs_names, name, what="cell")
     _check_unique(adata.var_names, name, what="gene")
     _check_finite(adata.X, name)
+    _check_range(adata.X, name)
 
 
 def check_server_path(text: str, *, allowed_roots: list[Path] | None = None) -> Path:
@@ -99,6 +105,11 @@ def check_server_path(text: str, *, allowed_roots: list[Path] | None = None) -> 
 def as_csr32(X) -> sparse.csr_matrix:
     """Return ``X`` as a new CSR float32 matrix (never the object passed in)."""
     return sparse.csr_matrix(X, dtype=np.float32, copy=True)
+
+
+def cell_count(n: int) -> str:
+    """"1 cell", "2,000 cells": a count of cells for a message."""
+    return f"{n:,} cell" + ("" if n == 1 else "s")
 
 
 def _file_kind(path: Path) -> str:
@@ -249,7 +260,7 @@ def _read_table(path: Path) -> ad.AnnData:
     for chunk in _table_chunks(path, sep):
         genes = genes or _gene_names(header, chunk.shape[1], path.name)
         _check_table_numeric(chunk, genes, path.name)
-        blocks.append(sparse.csr_matrix(chunk.to_numpy(dtype=np.float32)))
+        blocks.append(sparse.csr_matrix(chunk.to_numpy(dtype=np.float64)))  # 1e39 stays 1e39 until checked
         cells.append(chunk.index.astype(str).to_numpy())
     if not blocks:
         raise _no_cells_error(path.name)
@@ -374,6 +385,26 @@ def _check_finite(X, name: str) -> None:
             "needs a finite number for every cell and gene. Fill missing values (with 0 if they "
             "mean 'not detected') or remove the affected cells or genes."
         )
+
+
+def _check_range(X, name: str) -> None:
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.size == 0:
+        return
+    largest = max(abs(float(values.max())), abs(float(values.min())))
+    if largest <= MAX_VALUE:
+        return
+    too_large = abs(X) > MAX_VALUE
+    n_cells = np.count_nonzero(too_large.getnnz(axis=1) if sparse.issparse(X) else too_large.any(axis=1))
+    float32_max = float(np.finfo(np.float32).max)
+    beyond = f", out of range for 32-bit floats (at most {float32_max:.3g})" if largest > float32_max else ""
+    raise ValueRangeError(
+        f"'{name}' holds values up to {largest:.3g} in {cell_count(n_cells)}{beyond}. Expression values "
+        f"above {MAX_VALUE:,} (the largest whole number a 32-bit float holds exactly) are no "
+        "measurement, and normalising them would turn those cells into nonsense. The file may be "
+        "corrupt, or an overflow or missing-value code was stored as a number: check how it was "
+        "made, or remove those cells."
+    )
 
 
 def _check_under_roots(path: Path, allowed_roots: list[Path] | None) -> None:

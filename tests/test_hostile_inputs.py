@@ -13,7 +13,7 @@ from scipy import sparse
 
 from acsleuth_core import io, preprocess
 from acsleuth_core.cli import main
-from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError
+from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError, ValueRangeError
 from acsleuth_core.io import read_cells
 from acsleuth_core.preflight import MAX_MATRIX_ENTRIES
 
@@ -233,3 +233,46 @@ def test_running_out_of_memory_while_preparing_is_an_input_error(monkeypatch):
     counts = _small_adata(n_cells=6, n_genes=300)
     with pytest.raises(MatrixTooLargeError, match="not enough memory to prepare the reference and targets"):
         preprocess.prepare(counts, {"t": counts.copy()}, n_hvg="all")
+
+
+# --- silent nonsense: values no measurement holds --------------------------------------------
+
+
+def _counts(n_cells: int = 8, n_genes: int = 300, seed: int = 0, prefix: str = "c") -> ad.AnnData:
+    X = np.random.default_rng(seed).poisson(1.0, (n_cells, n_genes)).astype(np.float32)
+    return ad.AnnData(
+        X, obs=pd.DataFrame(index=[f"{prefix}{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    )
+
+
+def test_values_that_overflow_float32_cell_sums_are_refused_not_normalised_to_zero(tmp_path):
+    """Two values near 3e38 in a cell make its float32 total infinite: every value became 0 after normalising."""
+    path = tmp_path / "overflow.h5ad"
+    adata = _counts()
+    adata.X[[1, 4], :2] = 3e38
+    adata.write_h5ad(path)
+    with pytest.raises(ValueRangeError, match="holds values up to 3e[+]38 in 2 cells") as err:
+        read_cells(path)
+    assert "overflow.h5ad" in str(err.value) and "out of range" not in str(err.value)
+
+
+def test_a_count_of_2_to_the_62_is_refused_when_prepared(tmp_path):
+    target = _counts(prefix="t")
+    target.X = target.X.astype(np.int64)
+    target.X[3, 7] = 2**62
+    with pytest.raises(ValueRangeError, match="up to 4.61e[+]18 in 1 cell[.]") as err:
+        preprocess.prepare(_counts(seed=1), {"sample": target}, n_hvg="all")
+    assert "'sample'" in str(err.value) and "16,777,216" in str(err.value)
+
+
+def test_a_value_beyond_float32_is_named_out_of_range_not_infinite(tmp_path, capsys):
+    path = tmp_path / "huge.csv"
+    table = _counts().to_df().astype(np.float64)
+    table.iloc[5, 2] = 1e39
+    table.to_csv(path)
+    with pytest.raises(ValueRangeError, match="1e[+]39 in 1 cell, out of range for 32-bit floats") as err:
+        read_cells(path)
+    assert "infinite" not in str(err.value)
+    assert main(["run", "--reference", str(path), "--target", str(path), "--out", str(tmp_path / "o.h5ad")]) == 2
+    assert "out of range for 32-bit floats" in _one_error_line(capsys)
