@@ -21,6 +21,7 @@ from .detect import AnomalyDetector, DetectorConfig
 from .errors import ACsleuthError, Cancelled, EmptyDataError, InputError
 from .export import atomic_path, cell_table, table_suffix, write_h5ad, write_table
 from .io import read_cells
+from .preprocess import input_warnings
 from .correction import METHODS as CORRECTION_METHODS
 from .correction import CorrectionConfig
 from .correction_quality import METRIC_NAMES, biology_lost
@@ -113,6 +114,8 @@ def _run(args: argparse.Namespace) -> int:
     targets = {path.name.split(".")[0]: read_cells(path) for path in args.target}
     if len(targets) != len(args.target):
         raise ACsleuthError("Two target files have the same name; rename one so each batch has its own name.")
+    for message in input_warnings(reference, targets):
+        _warn(message)
     config = DetectorConfig(
         epochs=args.epochs,
         seed=args.seed,
@@ -157,11 +160,15 @@ def _run(args: argparse.Namespace) -> int:
         adata.obs[keys.SCORE].to_numpy(), adata.obs[keys.BATCH].astype(str).to_numpy(), adata.uns[keys.UNS]["reference_scores"]
     )
     if shift:
-        print(f"acsleuth: warning: {shift}", file=sys.stderr)
+        _warn(shift)
     if failed:
         print(f"acsleuth: partial run: {' and '.join(failed)} failed; {args.out} holds what finished", file=sys.stderr)
         return PARTIAL_EXIT
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"acsleuth: warning: {message}", file=sys.stderr)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from . import keys
 from .errors import (
     DuplicateNamesError, EmptyDataError, GeneOverlapError, InputError, ValueKindError, memory_error_as_input,
 )
-from .io import as_csr32, validate_matrix
+from .io import as_csr32, cell_count, validate_matrix
 
 
 INPUT_KIND_KEY = keys.INPUT_KIND
@@ -33,6 +33,8 @@ KIND_SAMPLE_SIZE = 200_000
 #: fewest genes reference and targets must share
 MIN_SHARED_GENES = 200
 MIN_NONZERO_SAMPLE = 1_000
+#: fewest cells a target needs for its calls to be trusted (below, they are made with a warning)
+MIN_TARGET_CELLS = 50
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
 SCALED_FIX = (
     "ACsleuth needs raw counts or log-normalised expression; scaled data (e.g. after "
@@ -99,6 +101,16 @@ def detect_value_kind(X, *, name: str = "data") -> str:
             "pass raw counts; if these are corrected counts (e.g. from SoupX), declare them as counts."
         )
     return kind
+
+
+def input_warnings(reference: ad.AnnData, targets: Mapping[str, ad.AnnData]) -> list[str]:
+    """Sentences about inputs that can be used but may mislead: cells without any expression, tiny targets.
+
+    The CLI prints each as a warning line and the Data page shows each in a warning box.
+    """
+    messages = [_empty_cells_warning(adata.X, name) for name, adata in {"reference": reference, **targets}.items()]
+    messages += [_few_cells_warning(name, t.n_obs) for name, t in targets.items() if t.n_obs < MIN_TARGET_CELLS]
+    return [message for message in messages if message]
 
 
 def normalise(adata: ad.AnnData, *, declared: str = "auto", name: str) -> ad.AnnData:
@@ -229,6 +241,27 @@ def _prepare(
 def _log_base(adata: ad.AnnData) -> dict:
     """scanpy's record of the log base (``uns["log1p"]``), copied, for a new uns."""
     return {"log1p": copy.deepcopy(adata.uns["log1p"])} if "log1p" in adata.uns else {}
+
+
+def _empty_cells_warning(X, name: str) -> str | None:
+    """None when every cell has a value (or none has: that whole matrix is refused when prepared)."""
+    values_per_cell = X.count_nonzero(axis=1) if sparse.issparse(X) else np.count_nonzero(X, axis=1)
+    n_empty = int(np.count_nonzero(np.asarray(values_per_cell) == 0))
+    if n_empty in (0, X.shape[0]):
+        return None
+    return (
+        f"'{name}': {cell_count(n_empty)} of {X.shape[0]:,} have no expression at all (every gene 0), so "
+        "they cannot be normalised and are scored as empty. Remove them unless they are meant to be "
+        "there (e.g. sc.pp.filter_cells(adata, min_counts=1))."
+    )
+
+
+def _few_cells_warning(name: str, n_cells: int) -> str:
+    return (
+        f"Target '{name}' has only {cell_count(n_cells)}: too few to call anomalies reliably (the "
+        f"threshold and the subtypes need at least {MIN_TARGET_CELLS:,}). Add cells, or read its calls as "
+        "a rough guide."
+    )
 
 
 def _profile(X) -> _ValueProfile:

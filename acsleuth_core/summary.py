@@ -8,7 +8,7 @@ from typing import Mapping
 import anndata as ad
 import pandas as pd
 
-from .preprocess import detect_value_kind, shared_genes
+from .preprocess import detect_value_kind, input_warnings, shared_genes
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,11 @@ class InputOverview:
     table: pd.DataFrame
     gene_summary: str
     n_shared_genes: int
+    warnings: list[str]
 
 
 def describe_inputs(reference: ad.AnnData, targets: Mapping[str, ad.AnnData]) -> InputOverview:
-    """One row per data set (role, cells, genes, detected values) and the gene overlap.
+    """One row per data set (role, cells, genes, detected values), the gene overlap and :func:`input_warnings`.
 
     Raises the same typed errors the pipeline would (e.g. scaled data, too few shared genes).
     """
@@ -27,7 +28,7 @@ def describe_inputs(reference: ad.AnnData, targets: Mapping[str, ad.AnnData]) ->
     rows += [_row(name, "target", target) for name, target in targets.items()]
     genes, report = shared_genes(reference, targets)
     summary = f"**{len(genes):,}** genes are shared by the reference and every target: {report.summary()}."
-    return InputOverview(pd.DataFrame(rows), summary, len(genes))
+    return InputOverview(pd.DataFrame(rows), summary, len(genes), input_warnings(reference, targets))
 
 
 def shared_obs_columns(targets: Mapping[str, ad.AnnData], max_levels: int = 50) -> list[str]:

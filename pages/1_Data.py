@@ -61,6 +61,8 @@ except ACsleuthError as error:
     st.stop()
 st.dataframe(overview.table, hide_index=True)
 st.markdown(overview.gene_summary)
+for message in overview.warnings:
+    st.warning(message, icon="⚠️")
 choices = [n for n in (1000, 2000, 3000, 5000) if n < overview.n_shared_genes] + ["all"]
 hvg = st.selectbox(
     "Highly variable genes (chosen on the reference)",

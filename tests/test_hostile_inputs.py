@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from acsleuth_core import io, preprocess
+from acsleuth_core import cli, io, preprocess
 from acsleuth_core.cli import main
 from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError, ValueRangeError
 from acsleuth_core.io import read_cells
 from acsleuth_core.preflight import MAX_MATRIX_ENTRIES
+from acsleuth_core.summary import describe_inputs
 
 #: a value no test matrix holds, so its bytes would show in anything read from the secret file
 SECRET_VALUE = 1234.5
@@ -276,3 +277,44 @@ def test_a_value_beyond_float32_is_named_out_of_range_not_infinite(tmp_path, cap
     assert "infinite" not in str(err.value)
     assert main(["run", "--reference", str(path), "--target", str(path), "--out", str(tmp_path / "o.h5ad")]) == 2
     assert "out of range for 32-bit floats" in _one_error_line(capsys)
+
+
+# --- usable but misleading: warned about, with the number of cells --------------------------
+
+
+def _with_empty_cells(n_empty: int) -> ad.AnnData:
+    target = _counts(n_cells=60, prefix="t")
+    target.X[:n_empty] = 0
+    return target
+
+
+def test_cells_without_expression_and_tiny_targets_are_warned_about_with_their_numbers():
+    targets = {"empty3": _with_empty_cells(3), "pair": _counts(n_cells=2, prefix="p")}
+    warnings = preprocess.input_warnings(_counts(), targets)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("'empty3': 3 cells of 60 have no expression at all")
+    assert warnings[1].startswith("Target 'pair' has only 2 cells: too few to call anomalies reliably")
+    assert describe_inputs(_counts(), targets).warnings == warnings  # what the Data page shows
+
+
+def test_a_sound_input_gets_no_warning_and_an_all_zero_one_is_refused():
+    assert preprocess.input_warnings(_counts(), {"t": _counts(n_cells=60, prefix="t")}) == []
+    with pytest.raises(ACsleuthError, match="holds only zeros"):
+        preprocess.prepare(_counts(), {"zeros": _with_empty_cells(60)}, n_hvg="all")
+
+
+def test_cli_prints_the_warnings_before_training(tmp_path, capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise ACsleuthError("stopped before training")
+
+    monkeypatch.setattr(cli, "detect_anomalies", stop)
+    _counts().write_h5ad(tmp_path / "reference.h5ad")
+    _counts(n_cells=2, prefix="p").write_h5ad(tmp_path / "pair.h5ad")
+    code = main([
+        "run", "--reference", str(tmp_path / "reference.h5ad"), "--target", str(tmp_path / "pair.h5ad"),
+        "--out", str(tmp_path / "o.h5ad"),
+    ])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("acsleuth: warning: Target 'pair' has only 2 cells: too few to call anomalies reliably")
+    assert lines[1] == "acsleuth: error: stopped before training"
