@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--label-key", help="obs column in targets and reference (e.g. cell type) to measure label purity")
     run.add_argument("--save-model", type=Path, help="folder to save the trained model in")
     run.add_argument("--model", type=Path, help="score with a saved model instead of training")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=_run, training_defaults={dest: run.get_default(dest) for dest in TRAINING_ONLY})
 
     demo = commands.add_parser("demo", help="write the built-in demo data set (PBMCs, B cells anomalous) as .h5ad files")
     demo.add_argument("--out", required=True, type=Path, help="folder to write into")
@@ -106,10 +106,13 @@ def _parser() -> argparse.ArgumentParser:
 
 #: exit status of a run whose detection was written but a later stage failed
 PARTIAL_EXIT = 3
+#: options of ``run`` that only shape training, so a saved model (``--model``) ignores them
+TRAINING_ONLY = ("epochs", "no_memory_bank", "views", "hvg")
 
 
 def _run(args: argparse.Namespace) -> int:
     _check_outputs(args)
+    detector = _load_model(args) if args.model else None
     reference = read_cells(args.reference)
     targets = {path.name.split(".")[0]: read_cells(path) for path in args.target}
     if len(targets) != len(args.target):
@@ -123,7 +126,6 @@ def _run(args: argparse.Namespace) -> int:
         memory_size=0 if args.no_memory_bank else DetectorConfig.memory_size,
         views=tuple(args.views),
     )
-    detector = AnomalyDetector.load(args.model) if args.model else None
     with _ProgressBar() as bar:
         run = detect_anomalies(
             reference,
@@ -167,6 +169,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace) -> AnomalyDetector:
+    """The saved model, after a warning naming any training option given with it (it keeps its own)."""
+    ignored = [
+        "--" + dest.replace("_", "-") for dest, default in args.training_defaults.items() if getattr(args, dest) != default
+    ]
+    if ignored:
+        _warn(
+            f"{', '.join(ignored)} only shape training, and --model scores with a model already trained, so "
+            f"{'they are' if len(ignored) > 1 else 'it is'} ignored. Leave out --model to train with them."
+        )
+    return AnomalyDetector.load(args.model)
+
+
 def _warn(message: str) -> None:
     print(f"acsleuth: warning: {message}", file=sys.stderr)
 
@@ -194,8 +209,17 @@ def _check_writable_folder(folder: Path) -> None:
     existing = folder.resolve()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _can_create_files_in(existing):
         raise InputError(f"Cannot write into {folder}: {existing} is not a writable folder. Choose another output place.")
+
+
+def _can_create_files_in(folder: Path) -> bool:
+    """Tried, not inferred: permission bits miss read-only file systems, and root passes every permission check."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _write_outputs(adata, args: argparse.Namespace) -> None:

@@ -390,6 +390,20 @@ class AnomalyDetector:
         missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, CALIBRATION_FILE) if not (folder / f).is_file()]
         if missing:
             raise ModelError(f"{folder} is not a saved ACsleuth model: missing {', '.join(missing)}.")
+        try:
+            return cls._read_saved(folder)
+        except ModelError:
+            raise
+        except Exception as err:  # any failure means the folder's files are not a model we saved
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise ModelError(
+                f"{folder} holds a model ACsleuth cannot load ({type(err).__name__}: {first_line}): it is "
+                "damaged, or was not saved by ACsleuth's --save-model or Export. Train a new model, or "
+                "give the folder of another saved model."
+            ) from err
+
+    @classmethod
+    def _read_saved(cls, folder: Path) -> "AnomalyDetector":
         meta = json.loads((folder / CONFIG_FILE).read_text())
         detector = cls(DetectorConfig.from_json(meta["config"]))
         detector.genes = list(meta["genes"])

@@ -1,6 +1,7 @@
 """Hostile or broken input files: refused with a clear message, before they can do harm."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from scipy import sparse
 
 from acsleuth_core import cli, io, preprocess
 from acsleuth_core.cli import main
+from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, DetectorConfig
 from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError, ValueRangeError
 from acsleuth_core.io import read_cells
 from acsleuth_core.preflight import MAX_MATRIX_ENTRIES
@@ -318,3 +320,68 @@ def test_cli_prints_the_warnings_before_training(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("acsleuth: warning: Target 'pair' has only 2 cells: too few to call anomalies reliably")
     assert lines[1] == "acsleuth: error: stopped before training"
+
+
+# --- the command line: refuse before any work, in one line ----------------------------------
+
+
+@pytest.fixture
+def no_reading(monkeypatch):
+    """Fail the test if the CLI reads any input: what is refused must be refused before that."""
+
+    def never(path):
+        raise AssertionError(f"{path} was read before the refusal")
+
+    monkeypatch.setattr(cli, "read_cells", never)
+
+
+#: a folder the file system refuses to write into, though permission bits let root (and os.access) through
+READ_ONLY_FOLDER = "/sys"
+
+
+@pytest.mark.skipif(not os.path.isdir(READ_ONLY_FOLDER), reason="needs Linux's /sys")
+@pytest.mark.parametrize("option", ["--out", "--table", "--save-model"])
+def test_an_output_place_the_file_system_refuses_is_caught_before_any_work(tmp_path, capsys, no_reading, option):
+    places = {"--out": "o.h5ad", "--table": "cells.csv", "--save-model": "model"}
+    args = {"--out": str(tmp_path / "o.h5ad")} | {option: f"{READ_ONLY_FOLDER}/acsleuth-out/{places[option]}"}
+    code = main(["run", "--reference", "ref.h5ad", "--target", "t.h5ad", *[x for kv in args.items() for x in kv]])
+    assert code == 2
+    assert f"{READ_ONLY_FOLDER} is not a writable folder" in _one_error_line(capsys)
+
+
+def _saved_model_files(folder, config="{}", weights=b"not torch", calibration=b"not numpy"):
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(config)
+    (folder / WEIGHTS_FILE).write_bytes(weights)
+    (folder / CALIBRATION_FILE).write_bytes(calibration)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "cause"),
+    [
+        ("{not json", "JSONDecodeError"),
+        (json.dumps({"name": "a model of another tool"}), "KeyError"),
+        (json.dumps({"config": DetectorConfig().to_json(), "genes": ["g0"]}), "UnpicklingError"),
+    ],
+    ids=["corrupt-json", "foreign-json", "corrupt-weights"],
+)
+def test_a_corrupt_or_foreign_model_folder_is_one_model_error_line(tmp_path, capsys, no_reading, config, cause):
+    model = _saved_model_files(tmp_path / "model", config=config)
+    code = main(["run", "--reference", "r.h5ad", "--target", "t.h5ad", "--out", str(tmp_path / "o.h5ad"), "--model", str(model)])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert f"{model} holds a model ACsleuth cannot load ({cause}" in line and "Train a new model" in line
+
+
+def test_training_options_given_with_a_model_are_named_as_ignored(tmp_path, capsys, no_reading):
+    model = _saved_model_files(tmp_path / "model", config="{not json")
+    code = main([
+        "run", "--reference", "r.h5ad", "--target", "t.h5ad", "--out", str(tmp_path / "o.h5ad"), "--model", str(model),
+        "--epochs", "5", "--hvg", "all", "--seed", "2",
+    ])
+    assert code == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("acsleuth: warning: --epochs, --hvg only shape training")
+    assert "they are ignored" in warning and "--seed" not in warning
+    assert error.startswith("acsleuth: error: ")
