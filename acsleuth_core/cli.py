@@ -20,7 +20,7 @@ from .demo import load_demo
 from .detect import AnomalyDetector, DetectorConfig
 from .errors import ACsleuthError, Cancelled, EmptyDataError, InputError
 from .export import atomic_path, cell_table, table_suffix, write_h5ad, write_table
-from .io import read_cells
+from .io import dataset_names, read_cells
 from .preprocess import input_warnings
 from .correction import METHODS as CORRECTION_METHODS
 from .correction import CorrectionConfig
@@ -113,10 +113,9 @@ TRAINING_ONLY = ("epochs", "no_memory_bank", "views", "hvg")
 def _run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     detector = _load_model(args) if args.model else None
+    names = dataset_names(args.target)
     reference = read_cells(args.reference)
-    targets = {path.name.split(".")[0]: read_cells(path) for path in args.target}
-    if len(targets) != len(args.target):
-        raise ACsleuthError("Two target files have the same name; rename one so each batch has its own name.")
+    targets = {name: read_cells(path) for name, path in zip(names, args.target)}
     for message in input_warnings(reference, targets):
         _warn(message)
     config = DetectorConfig(

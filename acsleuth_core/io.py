@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import os
 import warnings
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -65,6 +67,42 @@ def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.A
         validate_matrix(adata, name=path.name)
         adata.X = as_csr32(adata.X)
     return adata
+
+
+def dataset_names(sources: Sequence[str | os.PathLike]) -> list[str]:
+    """A name per input file or folder, for its batch: its name up to the first dot (``sample_A.h5ad.gz``
+    → ``sample_A``).
+
+    Files that would share a name are named apart by their whole file name (``A.h5ad``, ``A.csv``)
+    or, when that is shared too, by as many of their folders as it takes, joined by ``_``
+    (``s1_outs_filtered_feature_bc_matrix.h5``). The same file given twice is refused.
+    """
+    paths = [Path(str(source).strip().strip("'\"").strip()) for source in sources]
+    names = [path.name.split(".")[0] for path in paths]
+    for name, count in Counter(names).items():
+        if count > 1:
+            sharing = [i for i, other in enumerate(names) if other == name]
+            for i, apart in zip(sharing, _names_apart([paths[i] for i in sharing])):
+                names[i] = apart
+    if len(set(names)) < len(names):
+        raise _not_told_apart(paths)
+    return names
+
+
+def _names_apart(paths: list[Path]) -> list[str]:
+    """The shortest ends of ``paths`` that differ, or an InputError when the paths are the same."""
+    for depth in range(1, max(len(path.parts) for path in paths) + 1):
+        ends = ["_".join(path.parts[-depth:]).lstrip("/_") for path in paths]
+        if len(set(ends)) == len(ends):
+            return ends
+    raise _not_told_apart(paths)
+
+
+def _not_told_apart(paths: list[Path]) -> InputError:
+    return InputError(
+        f"The targets {', '.join(map(str, paths))} cannot all be told apart by their names: give each "
+        "sample a file of its own (not the same file twice; rename one of two uploads of the same name)."
+    )
 
 
 def validate_matrix(adata: ad.AnnData, *, name: str) -> None:

@@ -3,9 +3,10 @@
 import streamlit as st
 
 from acsleuth_core.errors import ACsleuthError
+from acsleuth_core.io import dataset_names
 from acsleuth_core.summary import batch_sizes, describe_inputs, shared_obs_columns
 from pages.ui.frame import LoadedData, demo_data, frame, loaded_data, set_loaded_data, show_error
-from pages.ui.uploads import dataset_name, read_server_path, read_upload, upload_limit_bytes
+from pages.ui.uploads import read_server_path, read_upload, upload_limit_bytes
 
 frame("Data")
 st.title("1 · Data")
@@ -32,7 +33,8 @@ with upload_tab:
     if st.button("Read uploaded files", disabled=not (reference_file and target_files)):
         try:
             reference = read_upload(reference_file)
-            targets = {dataset_name(f.name): read_upload(f) for f in target_files}
+            names = dataset_names([f.name for f in target_files])
+            targets = {name: read_upload(f) for name, f in zip(names, target_files)}
             set_loaded_data(LoadedData(reference, targets, source="uploaded files"))
         except ACsleuthError as error:
             show_error(error)
@@ -43,7 +45,7 @@ with path_tab:
         try:
             reference = read_server_path(reference_path)
             lines = [line.strip() for line in target_paths.splitlines() if line.strip()]
-            targets = {dataset_name(line): read_server_path(line) for line in lines}
+            targets = {name: read_server_path(line) for name, line in zip(dataset_names(lines), lines)}
             set_loaded_data(LoadedData(reference, targets, source="files on the server"))
         except ACsleuthError as error:
             show_error(error)

@@ -4,19 +4,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import streamlit as st
 from scipy import sparse
+from streamlit.testing.v1 import AppTest
 
 from acsleuth_core import cli, io, preprocess
 from acsleuth_core.cli import main
 from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, DetectorConfig
 from acsleuth_core.errors import ACsleuthError, FileFormatError, MatrixTooLargeError, ValueRangeError
-from acsleuth_core.io import read_cells
+from acsleuth_core.io import dataset_names, read_cells
 from acsleuth_core.preflight import MAX_MATRIX_ENTRIES
 from acsleuth_core.summary import describe_inputs
 
@@ -127,7 +130,7 @@ CHILD_ADDRESS_SPACE = 3 * 2**30
 READ_IN_CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-from acsleuth_core.io import read_cells
+from acsleuth_core.io import dataset_names, read_cells
 try:
     read_cells(sys.argv[1])
     outcome = {{"error": None, "message": ""}}
@@ -385,3 +388,83 @@ def test_training_options_given_with_a_model_are_named_as_ignored(tmp_path, caps
     assert warning.startswith("acsleuth: warning: --epochs, --hvg only shape training")
     assert "they are ignored" in warning and "--seed" not in warning
     assert error.startswith("acsleuth: error: ")
+
+
+# --- two targets with the same file stem: named apart in the CLI and the app alike -------------
+
+
+def test_targets_sharing_a_stem_are_named_apart_by_file_name_or_folders():
+    tenx = ["/data/s1/outs/filtered_feature_bc_matrix.h5", "/data/s2/outs/filtered_feature_bc_matrix.h5"]
+    assert dataset_names([*tenx, "/data/B.h5ad.gz"]) == [
+        "s1_outs_filtered_feature_bc_matrix.h5", "s2_outs_filtered_feature_bc_matrix.h5", "B",
+    ]
+    assert dataset_names(["A.h5ad", "A.csv", "sample_A.h5ad"]) == ["A.h5ad", "A.csv", "sample_A"]
+    with pytest.raises(ACsleuthError, match="cannot all be told apart"):
+        dataset_names(["/data/A.h5ad", "/data/A.h5ad"])
+
+
+def _two_10x_named_samples(folder) -> list[Path]:
+    paths = []
+    for seed, sample in enumerate(("s1", "s2")):
+        paths.append(folder / sample / "outs" / "filtered_feature_bc_matrix.h5")
+        paths[-1].parent.mkdir(parents=True)
+        _counts(seed=seed, prefix=f"{sample}_").write_h5ad(paths[-1])  # an AnnData saved under a 10x name
+    return paths
+
+
+def test_cli_keeps_both_targets_sharing_a_stem(tmp_path, capsys, monkeypatch):
+    given = {}
+
+    def stop(reference, targets, **kwargs):
+        given.update(targets)
+        raise ACsleuthError("stopped before training")
+
+    monkeypatch.setattr(cli, "detect_anomalies", stop)
+    _counts().write_h5ad(tmp_path / "reference.h5ad")
+    targets = [str(path) for path in _two_10x_named_samples(tmp_path)]
+    main(["run", "--reference", str(tmp_path / "reference.h5ad"), "--target", *targets, "--out", str(tmp_path / "o.h5ad")])
+    assert list(given) == ["s1_outs_filtered_feature_bc_matrix.h5", "s2_outs_filtered_feature_bc_matrix.h5"]
+    assert given["s2_outs_filtered_feature_bc_matrix.h5"].obs_names[0] == "s2_0"
+
+
+@pytest.fixture
+def data_page(tmp_path, monkeypatch):
+    """The Data page, run through the app's entry page with a run folder of its own."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("ACSLEUTH_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(root)
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=60)
+    at.switch_page("pages/1_Data.py")
+    yield at.run()
+    st.cache_resource.clear()
+
+
+def _click(at: AppTest, label: str) -> AppTest:
+    return [b for b in at.button if b.label == label][0].click().run()
+
+
+def test_data_page_keeps_both_server_targets_sharing_a_stem_and_shows_the_warnings(tmp_path, data_page):
+    _counts().write_h5ad(tmp_path / "reference.h5ad")
+    data_page.text_input[0].input(str(tmp_path / "reference.h5ad"))
+    data_page.text_area[0].input("\n".join(str(path) for path in _two_10x_named_samples(tmp_path))).run()
+    at = _click(data_page, "Read files from the server")
+    assert not at.exception and not at.error
+    names = list(at.dataframe[0].value["data set"])
+    assert names == ["reference", "s1_outs_filtered_feature_bc_matrix.h5", "s2_outs_filtered_feature_bc_matrix.h5"]
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("Target 's1_outs_filtered_feature_bc_matrix.h5' has only 8 cells") for w in warnings)
+
+
+def test_data_page_keeps_both_uploads_sharing_a_stem(tmp_path, data_page):
+    _counts().write_h5ad(tmp_path / "reference.h5ad")
+    _counts(seed=1, prefix="a").write_h5ad(tmp_path / "A.h5ad")
+    _counts(seed=2, prefix="b").to_df().to_csv(tmp_path / "A.csv")
+    upload = {name: (tmp_path / name).read_bytes() for name in ("reference.h5ad", "A.h5ad", "A.csv")}
+    data_page.file_uploader(key="reference_upload").set_value(("reference.h5ad", upload["reference.h5ad"], "application/octet-stream"))
+    data_page.file_uploader(key="target_upload").set_value(
+        [(name, upload[name], "application/octet-stream") for name in ("A.h5ad", "A.csv")]
+    )
+    at = _click(data_page.run(), "Read uploaded files")
+    assert not at.exception and not at.error
+    assert list(at.dataframe[0].value["data set"]) == ["reference", "A.h5ad", "A.csv"]

@@ -27,8 +27,3 @@ def read_upload(upload) -> ad.AnnData:
 def read_server_path(text: str) -> ad.AnnData:
     """Read a file or 10x folder the user typed, after checking the path."""
     return read_cells(check_server_path(text))
-
-
-def dataset_name(filename: str) -> str:
-    """A batch name from a file name: ``sample_A.h5ad.gz`` → ``sample_A``."""
-    return Path(filename).name.split(".")[0]
