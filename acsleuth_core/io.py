@@ -77,7 +77,7 @@ def dataset_names(sources: Sequence[str | os.PathLike]) -> list[str]:
     or, when that is shared too, by as many of their folders as it takes, joined by ``_``
     (``s1_outs_filtered_feature_bc_matrix.h5``). The same file given twice is refused.
     """
-    paths = [Path(str(source).strip().strip("'\"").strip()) for source in sources]
+    paths = [Path(_unquoted(str(source))) for source in sources]
     names = [path.name.split(".")[0] for path in paths]
     for name, count in Counter(names).items():
         if count > 1:
@@ -118,7 +118,7 @@ def validate_matrix(adata: ad.AnnData, *, name: str) -> None:
 
 def check_server_path(text: str, *, allowed_roots: list[Path] | None = None) -> Path:
     """Turn a path typed into the app into a resolved, readable data file or 10x folder."""
-    cleaned = text.strip().strip("'\"").strip()
+    cleaned = _unquoted(text)
     if not cleaned:
         raise InputError("No path was given: type the full path of a data file on the server.")
     path = Path(cleaned).expanduser().resolve()
@@ -148,6 +148,11 @@ def as_csr32(X) -> sparse.csr_matrix:
 def cell_count(n: int) -> str:
     """"1 cell", "2,000 cells": a count of cells for a message."""
     return f"{n:,} cell" + ("" if n == 1 else "s")
+
+
+def _unquoted(text: str) -> str:
+    """A path as typed or pasted, without surrounding blanks and quotes."""
+    return text.strip().strip("'\"").strip()
 
 
 def _file_kind(path: Path) -> str:
