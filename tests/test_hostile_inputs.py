@@ -56,19 +56,23 @@ def _external_raw(f, secret):
     return f.create_dataset("X", shape=(4, 3), dtype=np.float32, external=[(str(secret), 0, 48)])
 
 
-def _external_link(f, secret):
+def _secret_h5ad(secret) -> str:
+    """Another HDF5 file on the server holding the secret values in its X."""
     other = secret.with_name("other.h5ad")
     adata = _small_adata()
     adata.X = np.full((4, 3), SECRET_VALUE, dtype=np.float32)
     adata.write_h5ad(other)
-    f["X"] = h5py.ExternalLink(str(other), "/X")
+    return str(other)
+
+
+def _external_link(f, secret):
+    f["X"] = h5py.ExternalLink(_secret_h5ad(secret), "/X")
     return f["X"]
 
 
 def _virtual(f, secret):
     layout = h5py.VirtualLayout(shape=(4, 3), dtype=np.float32)
-    layout[:] = h5py.VirtualSource(str(secret.with_name("other.h5ad")), "X", shape=(4, 3))
-    _small_adata().write_h5ad(secret.with_name("other.h5ad"))
+    layout[:] = h5py.VirtualSource(_secret_h5ad(secret), "X", shape=(4, 3))
     return f.create_virtual_dataset("X", layout)
 
 
