@@ -18,6 +18,9 @@ model's training cells, so no gene dominates because it is highly expressed.
 Reproducibility: the reference is put in a canonical, content-defined row
 order before anything is trained (:func:`canonical_row_order`), so the same
 cells in another order give the same models; the folds are drawn from the seed.
+On the CPU the models do not depend on the number of threads either: MKL's
+reproducible mode (set when the package is imported) and
+:class:`nn.blocks.RowNorm` make every sum's order independent of it.
 
 What downstream modules read (``encode``, ``generator``, residuals) comes from
 the first fold model.
@@ -42,7 +45,7 @@ from .mmd import PredictorConfig, fit_predictor, predict_logits
 from .nn.adversarial import GanTraining, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import dense_batch_rows, resolve_device, seed_everything
+from .runtime import dense_batch_rows, resolve_device, seed_everything, warn_if_thread_dependent
 from .similarity import ReferenceSimilarity
 from .views import VIEWS, ViewScores, combine, tail_excess_weights
 
@@ -175,6 +178,8 @@ class AnomalyDetector:
             raise ValueError("the reference matrix and the gene list disagree in length")
         if X.shape[0] < 10 * cfg.folds:
             raise ModelError(f"The reference has {X.shape[0]} cells; ACsleuth needs at least {10 * cfg.folds} normal reference cells.")
+        if resolve_device(cfg.device).type == "cpu":
+            warn_if_thread_dependent()
         X = X[canonical_row_order(X)]
         folds = fold_assignment(X.shape[0], cfg.folds, cfg.seed)
         self.genes = list(genes)

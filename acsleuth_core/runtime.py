@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -45,3 +47,35 @@ def dense_batch_rows(n_columns: int) -> int:
     """Cells per batch when a sparse matrix is densified batch by batch (scoring, correcting, projecting
     on principal axes): about :data:`DENSE_BATCH_VALUES` values per array, 64 to 2,048 cells."""
     return int(np.clip(DENSE_BATCH_VALUES // max(n_columns, 1), 64, 2048))
+
+
+@functools.cache
+def thread_invariant_products() -> bool:
+    """Whether a matrix product gives the same bits on one CPU thread as on two (checked once per process).
+
+    False when torch ran a product before ``acsleuth_core`` was imported, which leaves MKL in its default
+    mode (see the package docstring).
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(128, 3000, generator=generator), torch.rand(3000, 512, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = a @ b
+        torch.set_num_threads(2)
+        two = a @ b
+    finally:
+        torch.set_num_threads(threads)
+    return torch.equal(one, two)
+
+
+def warn_if_thread_dependent() -> None:
+    """Warn when CPU training would depend on the number of threads (a GPU run is not checked)."""
+    if not thread_invariant_products():
+        warnings.warn(
+            "torch's matrix products depend on the number of CPU threads in this process, so the same seed may "
+            "train another model on another machine: import acsleuth_core before running anything with torch, "
+            "or set MKL_CBWR=AUTO,STRICT before starting Python.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

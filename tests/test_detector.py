@@ -16,6 +16,7 @@ from acsleuth_core.demo import LABEL_KEY, TRUTH_KEY, load_demo
 from acsleuth_core.detect import CALIBRATION_FILE, CONFIG_FILE, WEIGHTS_FILE, AnomalyDetector, DetectorConfig
 from acsleuth_core.errors import InputError, ModelError
 from acsleuth_core.mmd import PredictorConfig
+from acsleuth_core.nn.blocks import RowNorm
 from acsleuth_core.pipeline import call_anomalies, detect_anomalies
 from acsleuth_core.views import PAPER_VIEWS, VIEWS, combine, standardised, tail_excess_weights
 
@@ -457,3 +458,36 @@ def test_pipeline_calls_need_no_labels(demo, demo_run):
     np.testing.assert_array_equal(
         unlabelled.adata.obs[keys.ANOMALY].to_numpy(), run.adata.obs[keys.ANOMALY].to_numpy()
     )
+
+
+def test_the_number_of_cpu_threads_does_not_change_the_model():
+    """Products wide enough for MKL to split across threads, and layer norms: same seed, same bits on 1 or 2 threads."""
+    rng = np.random.default_rng(0)
+    reference = np.log1p(rng.poisson(1.0, (200, 1500))).astype(np.float32)
+    target = np.log1p(rng.poisson(1.0, (60, 1500))).astype(np.float32)
+    genes = [f"g{i}" for i in range(1500)]
+    config = DetectorConfig(epochs=2, memory_size=64, predictor=PredictorConfig(warmup_epochs=1, epochs=1))
+    scores = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            scores[n] = AnomalyDetector(config).fit(reference, genes).score(target).scores
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(scores[1], scores[2])
+
+
+def test_row_norm_normalises_like_layer_norm():
+    x = torch.randn(16, 40)
+    norm, reference = RowNorm(40), torch.nn.LayerNorm(40)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+        reference.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), reference(x))
+
+
+def test_training_warns_when_products_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(runtime, "thread_invariant_products", lambda: False)
+    with pytest.warns(RuntimeWarning, match="MKL_CBWR=AUTO,STRICT"):
+        runtime.warn_if_thread_dependent()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def mlp(dims: list[int], *, dropout: float = 0.0, norm: bool = True) -> nn.Sequential:
     """A feed-forward stack ``dims[0] → … → dims[-1]``.
 
-    Hidden layers get LayerNorm (when ``norm``), LeakyReLU and dropout; the last
+    Hidden layers get :class:`RowNorm` (when ``norm``), LeakyReLU and dropout; the last
     layer is a plain linear map so callers choose their own output activation.
     """
     layers: list[nn.Module] = []
@@ -17,11 +18,30 @@ def mlp(dims: list[int], *, dropout: float = 0.0, norm: bool = True) -> nn.Seque
         layers.append(nn.Linear(d_in, d_out))
         if i < len(dims) - 2:
             if norm:
-                layers.append(nn.LayerNorm(d_out))
+                layers.append(RowNorm(d_out))
             layers.append(nn.LeakyReLU(0.2))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+class RowNorm(nn.Module):
+    """Layer normalisation with a learnt scale and shift, like ``nn.LayerNorm`` (same parameter names).
+
+    ``nn.LayerNorm``'s fused CPU backward adds up its scale and shift gradients in an order that depends
+    on the number of threads, so the same seed trained differently on another machine; here the
+    normalisation is done row by row and the scale and shift are plain tensor operations, whose
+    gradients do not depend on it.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
 
 
 class MemoryBank(nn.Module):
