@@ -18,6 +18,7 @@ from acsleuth_core.runs import start_correction_run
 from acsleuth_core.runtime import resolve_device
 from acsleuth_core.style import StyleConfig
 from pages.ui.frame import frame, job_registry, run_inputs, run_result, run_store, stage_job
+from pages.ui.metrics import change_delta
 from pages.ui.stage import stage_outcome, stage_run, start_stage
 from pages.ui.progress import follow_job
 
@@ -114,7 +115,8 @@ def metric_row(names: dict[str, str]) -> None:
     for column, name in zip(st.columns(max(len(shown), 1)), shown):
         before, after = float(expression["before"][name]), float(expression["after"][name])
         label = f"{names[name]} ({label_name})" if name in BIOLOGY else names[name]
-        column.metric(label, f"{after:.3f}", delta=f"{after - before:+.3f} (before {before:.3f})", help=METRIC_HELP[name])
+        delta, colour = change_delta(before, after)
+        column.metric(label, f"{after:.3f}", delta=delta, delta_color=colour, help=METRIC_HELP[name])
 
 
 metric_row(MIXING)

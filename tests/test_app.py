@@ -12,6 +12,7 @@ from acsleuth_core import threshold as thr
 from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.runs import RunStore
 from pages.ui.frame import demo_data
+from pages.ui.metrics import change_delta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -335,3 +336,9 @@ def test_the_demo_with_two_anomaly_types_keeps_the_progenitors():
     types = {t for target in data.targets.values() for t in target.obs["cell_type"]}
     assert {"CD34+", "CD19+ B"} <= types
 
+
+
+def test_a_metric_change_that_rounds_to_zero_is_grey_and_unsigned():
+    assert change_delta(0.5, 0.4996) == ("+0.000 (before 0.500)", "off")
+    assert change_delta(0.5, 0.42) == ("-0.080 (before 0.500)", "normal")
+    assert change_delta(0.5, 0.6) == ("+0.100 (before 0.500)", "normal")
