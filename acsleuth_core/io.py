@@ -40,11 +40,24 @@ ACCEPTED_FORMATS = (
     "or a table with cells as rows and genes as columns (.csv, .tsv or .txt, optionally .gz)"
 )
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+#: each kind of input as an error message names it
+READER_NAMES = {
+    "h5ad": "an AnnData file", "10x_h5": "a 10x HDF5 file", "10x_mtx": "a 10x matrix", "table": "a table",
+}
 MAX_EXAMPLES = 5
 TABLE_CHUNK_ROWS = 5_000
 #: largest value a matrix may hold: the largest whole number a 32-bit float holds exactly, far
 #: above any count of one gene's molecules in one cell or any normalised value
 MAX_VALUE = 2**24
+#: environment variable: the folders paths typed into the app may lie in, separated by ``os.pathsep``
+DATA_ROOTS_VARIABLE = "ACSLEUTH_DATA_ROOTS"
+#: bind addresses of a server only this machine can reach
+LOCAL_ADDRESSES = ("localhost", "127.0.0.1", "::1")
+SERVER_PATHS_OFF = (
+    "Reading files by their path on the server is off: this server is reachable over the network "
+    f"and no folders have been allowed. Whoever runs ACsleuth can allow folders with the environment "
+    f"variable {DATA_ROOTS_VARIABLE} (separated by '{os.pathsep}'). Upload the files instead."
+)
 
 
 def read_cells(path: str | os.PathLike, *, max_bytes: int | None = None) -> ad.AnnData:
@@ -116,26 +129,39 @@ def validate_matrix(adata: ad.AnnData, *, name: str) -> None:
     _check_range(adata.X, name)
 
 
-def check_server_path(text: str, *, allowed_roots: list[Path] | None = None) -> Path:
-    """Turn a path typed into the app into a resolved, readable data file or 10x folder."""
+def data_roots(bind_address: str | None) -> list[Path]:
+    """The folders a path typed into the app may lie in.
+
+    ``$ACSLEUTH_DATA_ROOTS`` (folders separated by ``os.pathsep``) when set; otherwise the home
+    folder and the working folder when the server listens on this machine only (``bind_address``
+    is ``localhost``, ``127.0.0.1`` or ``::1``), and no folder at all when it listens on a network
+    address (or on every address, ``None``).
+    """
+    setting = os.environ.get(DATA_ROOTS_VARIABLE, "")
+    if setting.strip():
+        return [Path(root.strip()).expanduser().resolve() for root in setting.split(os.pathsep) if root.strip()]
+    if (bind_address or "").strip().strip("[]") in LOCAL_ADDRESSES:
+        return [Path.home().resolve(), Path.cwd().resolve()]
+    return []
+
+
+def check_server_path(text: str, allowed_roots: Sequence[str | os.PathLike]) -> Path:
+    """Turn a path typed into the app into a resolved, readable data file or 10x folder under one of
+    ``allowed_roots``.
+
+    Links are followed before the check, so a link out of the roots is refused. A path that does
+    not exist, cannot be read or lies outside the roots gets one and the same message, which never
+    says which of these it is.
+    """
     cleaned = _unquoted(text)
     if not cleaned:
         raise InputError("No path was given: type the full path of a data file on the server.")
-    path = Path(cleaned).expanduser().resolve()
-    _check_under_roots(path, allowed_roots)
-    if not path.exists():
-        raise InputError(
-            f"Nothing exists at '{path}' on the server: check the spelling. The path is on the "
-            "machine running ACsleuth, not on your own computer; upload the file instead if it "
-            "is only on yours."
-        )
-    if not (path.is_file() or path.is_dir()):
-        raise InputError(f"'{path}' is not a regular file or folder: give a data file or 10x folder.")
-    if not os.access(path, os.R_OK):
-        raise InputError(
-            f"'{path}' exists but the server cannot read it: ask whoever runs ACsleuth to make "
-            "it readable, or upload the file."
-        )
+    try:
+        path = Path(cleaned).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop, or a name the system refuses
+        raise _unreadable_server_path(cleaned, allowed_roots) from None
+    if not (_is_under(path, allowed_roots) and _is_readable(path)):
+        raise _unreadable_server_path(cleaned, allowed_roots)
     _file_kind(path)
     return path
 
@@ -247,10 +273,11 @@ def _read_kind(path: Path, kind: str) -> ad.AnnData:
     except (ACsleuthError, MemoryError):
         raise
     except Exception as err:  # any reader failure means the file cannot be used as given
+        # the library's own message may quote the file's bytes, so only its kind is named
         raise FileFormatError(
-            f"'{path.name}' could not be read ({type(err).__name__}: {err}). The file may be "
-            "corrupt, cut short by an interrupted upload or download, or not really in the "
-            "format its name says: check it, or export it again."
+            f"'{path.name}' could not be read as {READER_NAMES[kind]} ({type(err).__name__}). The "
+            "file may be corrupt, cut short by an interrupted upload or download, or not really "
+            "in the format its name says: check it, or export it again."
         ) from err
 
 
@@ -302,7 +329,7 @@ def _read_table(path: Path) -> ad.AnnData:
     blocks, cells, genes = [], [], []
     for chunk in _table_chunks(path, sep):
         genes = genes or _gene_names(header, chunk.shape[1], path.name)
-        _check_table_numeric(chunk, genes, path.name)
+        _check_table_numeric(chunk, sum(len(names) for names in cells), path.name)
         blocks.append(sparse.csr_matrix(chunk.to_numpy(dtype=np.float64)))  # 1e39 stays 1e39 until checked
         cells.append(chunk.index.astype(str).to_numpy())
     if not blocks:
@@ -352,14 +379,17 @@ def _no_cells_error(file_name: str) -> EmptyDataError:
     )
 
 
-def _check_table_numeric(chunk: pd.DataFrame, genes: list[str], file_name: str) -> None:
+def _check_table_numeric(chunk: pd.DataFrame, first_row: int, file_name: str) -> None:
+    """Refuse a chunk holding text, naming where the first text is (never the text itself: the file
+    may be one its reader should not see)."""
     for position, (_, values) in enumerate(chunk.items()):
         if pd.api.types.is_numeric_dtype(values):
             continue
-        bad = values[pd.to_numeric(values, errors="coerce").isna() & values.notna()]
+        is_text = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
         raise FileFormatError(
-            f"'{file_name}' holds values that are not numbers (e.g. '{bad.iloc[0]}' for gene "
-            f"'{genes[position]}' in row '{bad.index[0]}'). ACsleuth reads a table with one cell "
+            f"'{file_name}' holds values that are not numbers (the first in column {position + 2}, "
+            f"counting the cell names as column 1, data row {first_row + int(is_text.argmax()) + 1}). "
+            "ACsleuth reads a table with one cell "
             "per row, cell names in the first column, gene names in the header row and numbers "
             "everywhere else: remove annotation columns (e.g. cell type) and check the table is "
             "not transposed."
@@ -450,14 +480,26 @@ def _check_range(X, name: str) -> None:
     )
 
 
-def _check_under_roots(path: Path, allowed_roots: list[Path] | None) -> None:
-    """``path`` is already resolved, so a symlink pointing out of the roots fails here too."""
-    if allowed_roots is None:
-        return
-    roots = [Path(root).expanduser().resolve() for root in allowed_roots]
-    if not any(path.is_relative_to(root) for root in roots):
-        listed = ", ".join(str(root) for root in roots)
-        raise InputError(
-            f"'{path}' lies outside the folders ACsleuth may read on this server ({listed}): "
-            "copy the data into one of them, or ask whoever runs ACsleuth to allow its folder."
-        )
+def _is_under(path: Path, roots: Sequence[str | os.PathLike]) -> bool:
+    """Whether the resolved ``path`` lies in (or is) one of ``roots``."""
+    return any(path.is_relative_to(Path(root).expanduser().resolve()) for root in roots)
+
+
+def _is_readable(path: Path) -> bool:
+    """A regular file this account can read, or a folder it can list."""
+    if path.is_dir():
+        return os.access(path, os.R_OK | os.X_OK)
+    return path.is_file() and os.access(path, os.R_OK)
+
+
+def _unreadable_server_path(typed: str, roots: Sequence[str | os.PathLike]) -> InputError:
+    """The one message for a typed path that is missing, unreadable or outside ``roots``."""
+    if not roots:
+        return InputError(SERVER_PATHS_OFF)
+    listed = ", ".join(str(Path(root).expanduser()) for root in roots)
+    return InputError(
+        f"Cannot read '{typed}' on the server: the path must name a readable file or folder inside "
+        f"the folders ACsleuth may read here ({listed}). Check the spelling; the path is on the "
+        "machine running ACsleuth, not on your own computer, so upload the file instead if it is "
+        "only on yours, or ask whoever runs ACsleuth to allow its folder."
+    )

@@ -3,10 +3,10 @@
 import streamlit as st
 
 from acsleuth_core.errors import ACsleuthError
-from acsleuth_core.io import dataset_names
+from acsleuth_core.io import SERVER_PATHS_OFF, dataset_names
 from acsleuth_core.summary import batch_sizes, describe_inputs, shared_obs_columns
 from pages.ui.frame import LoadedData, demo_data, frame, loaded_data, set_loaded_data, show_error
-from pages.ui.uploads import read_server_path, read_upload, upload_limit_bytes
+from pages.ui.uploads import read_server_path, read_upload, server_data_roots, upload_limit_bytes
 
 frame("Data")
 st.title("1 · Data")
@@ -39,9 +39,12 @@ with upload_tab:
         except ACsleuthError as error:
             show_error(error)
 with path_tab:
-    reference_path = st.text_input("Reference file or 10x folder")
-    target_paths = st.text_area("Target files or folders, one per line")
-    if st.button("Read files from the server", disabled=not (reference_path and target_paths.strip())):
+    paths_off = not server_data_roots()
+    if paths_off:
+        st.info(SERVER_PATHS_OFF)
+    reference_path = st.text_input("Reference file or 10x folder", disabled=paths_off)
+    target_paths = st.text_area("Target files or folders, one per line", disabled=paths_off)
+    if st.button("Read files from the server", disabled=paths_off or not (reference_path and target_paths.strip())):
         try:
             reference = read_server_path(reference_path)
             lines = [line.strip() for line in target_paths.splitlines() if line.strip()]

@@ -61,7 +61,7 @@ def test_a_bad_server_path_shows_its_error_in_the_page():
     read = [b for b in at.button if b.label == "Read files from the server"][0]
     read.click().run()
     assert not at.exception
-    assert at.error and "Nothing exists at" in at.error[0].value
+    assert at.error and "Cannot read '/no/such/reference.h5ad'" in at.error[0].value
 
 
 def _train_demo(at: AppTest) -> AppTest:

@@ -436,6 +436,7 @@ def data_page(tmp_path, monkeypatch):
     """The Data page, run through the app's entry page with a run folder of its own."""
     root = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("ACSLEUTH_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("ACSLEUTH_DATA_ROOTS", str(tmp_path))
     monkeypatch.chdir(root)
     st.cache_resource.clear()
     at = AppTest.from_file(str(root / "app.py"), default_timeout=60)

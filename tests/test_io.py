@@ -1,5 +1,7 @@
 import gzip
+import os
 import shutil
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -17,7 +19,7 @@ from acsleuth_core.errors import (
     InputError,
     NonFiniteValuesError,
 )
-from acsleuth_core.io import check_server_path, read_cells, validate_matrix
+from acsleuth_core.io import TABLE_CHUNK_ROWS, check_server_path, data_roots, read_cells, validate_matrix
 
 CELLS = [f"cell{i}" for i in range(6)]
 GENES = ["CD3E", "MS4A1", "LYZ", "NKG7"]
@@ -262,7 +264,31 @@ def test_non_numeric_table_values_point_at_the_culprit(tmp_path):
     table.to_csv(path)
     with pytest.raises(FileFormatError, match="not numbers") as err:
         read_cells(path)
-    assert "cell_type" in str(err.value) and "annotated.csv" in str(err.value)
+    assert "column 4" in str(err.value) and "data row 1" in str(err.value) and "annotated.csv" in str(err.value)
+
+
+SECRET = "hunter2-secret"
+
+
+def test_text_in_a_table_is_located_but_never_quoted(tmp_path):
+    path = tmp_path / "passwords.csv"
+    rows = [f"c{i},{i},{i}" for i in range(TABLE_CHUNK_ROWS + 2)] + [f"{SECRET}-row,1,{SECRET}"]
+    path.write_text("\n".join([f"site,user,{SECRET}-column", *rows]) + "\n")
+    with pytest.raises(FileFormatError, match="not numbers") as err:
+        read_cells(path)
+    assert SECRET not in str(err.value)
+    assert f"column 3, counting the cell names as column 1, data row {TABLE_CHUNK_ROWS + 3}" in str(err.value)
+
+
+def test_a_reader_failure_never_quotes_the_file(tmp_path):
+    """anndata's own message would name the unknown encoding stored in the file."""
+    path = tmp_path / "odd.h5ad"
+    _adata(COUNTS).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["obs"].attrs["encoding-type"] = SECRET
+    with pytest.raises(FileFormatError, match="could not be read as an AnnData file") as err:
+        read_cells(path)
+    assert SECRET not in str(err.value)
 
 
 # --- validate_matrix on objects built in Python ----------------------------------
@@ -307,50 +333,84 @@ def test_in_memory_duplicate_gene_names_are_refused():
 def test_server_path_is_resolved_and_accepted(tmp_path):
     path = tmp_path / "cells.csv"
     _table().to_csv(path)
-    assert check_server_path(f'  "{tmp_path}/./cells.csv" ') == path.resolve()
+    assert check_server_path(f'  "{tmp_path}/./cells.csv" ', [tmp_path]) == path.resolve()
 
 
 def test_server_path_expands_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _table().to_csv(tmp_path / "cells.csv")
-    assert check_server_path("~/cells.csv") == (tmp_path / "cells.csv").resolve()
+    assert check_server_path("~/cells.csv", ["~"]) == (tmp_path / "cells.csv").resolve()
 
 
 def test_server_path_accepts_a_10x_folder(tmp_path):
     folder = _write_10x_folder(tmp_path / "sample")
-    assert check_server_path(str(folder), allowed_roots=[tmp_path]) == folder.resolve()
+    assert check_server_path(str(folder), [tmp_path]) == folder.resolve()
 
 
-def test_server_path_that_does_not_exist_is_refused(tmp_path):
-    with pytest.raises(InputError, match="Nothing exists"):
-        check_server_path(str(tmp_path / "missing.h5ad"))
+def _refusal(text: str, roots) -> str:
+    with pytest.raises(InputError) as err:
+        check_server_path(text, roots)
+    return str(err.value)
 
 
-def test_server_path_outside_allowed_roots_is_refused(tmp_path):
+def test_missing_unreadable_and_forbidden_server_paths_get_one_message(tmp_path, monkeypatch):
+    """Which of the three it is would tell a user what exists on the server."""
     (tmp_path / "data").mkdir()
     (tmp_path / "private").mkdir()
     _table().to_csv(tmp_path / "private" / "cells.csv")
-    with pytest.raises(InputError, match="outside"):
-        check_server_path(str(tmp_path / "data" / ".." / "private" / "cells.csv"), allowed_roots=[tmp_path / "data"])
+    _table().to_csv(tmp_path / "data" / "locked.csv")
+    roots = [tmp_path / "data"]
+    missing = _refusal(str(tmp_path / "data" / "x.csv"), roots)
+    outside = _refusal(str(tmp_path / "data" / ".." / "private" / "cells.csv"), roots)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked.csv")
+    unreadable = _refusal(str(tmp_path / "data" / "locked.csv"), roots)
+    assert "Cannot read" in missing and str(tmp_path / "data") in missing
+    typed = [str(tmp_path / "data" / "x.csv"), str(tmp_path / "data" / ".." / "private" / "cells.csv"), str(tmp_path / "data" / "locked.csv")]
+    assert missing.replace(typed[0], "P") == outside.replace(typed[1], "P") == unreadable.replace(typed[2], "P")
 
 
 def test_symlink_escaping_allowed_roots_is_refused(tmp_path):
     (tmp_path / "data").mkdir()
     _table().to_csv(tmp_path / "secret.csv")
     (tmp_path / "data" / "link.csv").symlink_to(tmp_path / "secret.csv")
-    with pytest.raises(InputError, match="outside"):
-        check_server_path(str(tmp_path / "data" / "link.csv"), allowed_roots=[tmp_path / "data"])
+    message = _refusal(str(tmp_path / "data" / "link.csv"), [tmp_path / "data"])
+    assert "Cannot read" in message and "secret" not in message
+
+
+def test_server_paths_are_off_without_roots(tmp_path):
+    _table().to_csv(tmp_path / "cells.csv")
+    assert "ACSLEUTH_DATA_ROOTS" in _refusal(str(tmp_path / "cells.csv"), [])
 
 
 def test_server_path_to_unsupported_file_or_plain_folder_is_refused(tmp_path):
     (tmp_path / "notes.docx").write_text("hello")
     (tmp_path / "plain").mkdir()
     with pytest.raises(FileFormatError, match="not a format"):
-        check_server_path(str(tmp_path / "notes.docx"))
+        check_server_path(str(tmp_path / "notes.docx"), [tmp_path])
     with pytest.raises(FileFormatError, match="not a 10x"):
-        check_server_path(str(tmp_path / "plain"))
+        check_server_path(str(tmp_path / "plain"), [tmp_path])
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1", "::1", "[::1]"])
+def test_data_roots_of_a_local_server_are_home_and_the_working_folder(tmp_path, monkeypatch, address):
+    monkeypatch.delenv("ACSLEUTH_DATA_ROOTS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert data_roots(address) == [(tmp_path / "home").resolve(), tmp_path.resolve()]
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.168.1.5", "::", None])
+def test_data_roots_of_a_network_server_are_none(monkeypatch, address):
+    monkeypatch.delenv("ACSLEUTH_DATA_ROOTS", raising=False)
+    assert data_roots(address) == []
+
+
+def test_data_roots_setting_wins_on_any_address(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACSLEUTH_DATA_ROOTS", f"{tmp_path / 'a'}{os.pathsep} {tmp_path / 'b'} {os.pathsep}")
+    expected = [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    assert data_roots("0.0.0.0") == expected and data_roots("localhost") == expected
 
 
 def test_empty_server_path_is_refused():
     with pytest.raises(InputError, match="No path"):
-        check_server_path("   ")
+        check_server_path("   ", [])

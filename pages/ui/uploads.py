@@ -8,7 +8,7 @@ from pathlib import Path
 import anndata as ad
 import streamlit as st
 
-from acsleuth_core.io import check_server_path, read_cells
+from acsleuth_core.io import check_server_path, data_roots, read_cells
 
 
 def upload_limit_bytes() -> int:
@@ -24,6 +24,11 @@ def read_upload(upload) -> ad.AnnData:
         return read_cells(path, max_bytes=upload_limit_bytes())
 
 
+def server_data_roots() -> list[Path]:
+    """The folders typed paths may lie in, for the address this server listens on (``server.address``)."""
+    return data_roots(st.get_option("server.address"))
+
+
 def read_server_path(text: str) -> ad.AnnData:
-    """Read a file or 10x folder the user typed, after checking the path."""
-    return read_cells(check_server_path(text))
+    """Read a file or 10x folder the user typed, after checking the path against :func:`server_data_roots`."""
+    return read_cells(check_server_path(text, server_data_roots()))
