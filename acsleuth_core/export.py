@@ -14,6 +14,9 @@ import pandas as pd
 from . import keys
 from .errors import InputError
 
+#: a text cell starting with one of these is read as a formula by spreadsheet programs
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
 #: obs columns of the cell table, in order, when present.
 TABLE_COLUMNS = (
     keys.BATCH, keys.SCORE, keys.ANOMALY, keys.PVALUE, keys.RESIDUAL_NORM, *keys.VIEW_COLUMNS.values(), keys.KIN, keys.KIN_CONFIDENCE,
@@ -64,8 +67,25 @@ def table_suffix(path: str | os.PathLike) -> str:
     return suffix
 
 
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``table`` whose text cells and column names cannot run as spreadsheet formulas: any
+    starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading apostrophe (the
+    spreadsheet's own "this is text" mark). Numbers, negative ones included, are left as they are."""
+
+    def safe(value):
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+    out = table.copy()
+    for column in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[column]) and not pd.api.types.is_bool_dtype(out[column]):
+            out[column] = out[column].astype(object).map(safe)
+    out.columns = [safe(str(column)) for column in out.columns]
+    return out
+
+
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table atomically as CSV, TSV or Parquet, chosen by the file extension."""
+    """Write a table atomically as CSV, TSV or Parquet, chosen by the file extension (text made
+    :func:`spreadsheet_safe` in CSV and TSV)."""
     path = Path(path)
     suffix = table_suffix(path)
     compression = "gzip" if suffix.endswith(".gz") else None
@@ -73,7 +93,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         if suffix == ".parquet":
             table.to_parquet(tmp, index=False)
         else:
-            table.to_csv(tmp, index=False, sep="\t" if suffix.startswith(".tsv") else ",", compression=compression)
+            spreadsheet_safe(table).to_csv(tmp, index=False, sep="\t" if suffix.startswith(".tsv") else ",", compression=compression)
     return path
 
 
@@ -98,7 +118,7 @@ def table_bytes(table: pd.DataFrame, fmt: str, meta: dict[str, str]) -> bytes:
     """A table as CSV (provenance as leading ``#`` lines) or Parquet (provenance in the file metadata)."""
     if fmt == "csv":
         header = "".join(f"# {key}: {value}\n" for key, value in meta.items())
-        return (header + table.to_csv(index=False)).encode()
+        return (header + spreadsheet_safe(table).to_csv(index=False)).encode()
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -45,7 +45,10 @@ RESULT_FILE = "result.h5ad"
 INPUTS_DIR = "inputs"
 LAYOUT_FILE = "correction_layout.parquet"
 SUBTYPE_LAYOUT_FILE = "subtype_layout.parquet"
-_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+#: runs hold users' data: their folders are for the server's account alone (files come from
+#: :func:`export.atomic_path`, which creates them readable by their owner only)
+PRIVATE_FOLDER = 0o700
+_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 
 
 def default_runs_dir() -> Path:
@@ -103,10 +106,11 @@ class RunStore:
         self.root = Path(root) if root is not None else default_runs_dir()
 
     def create(self, name: str, params: dict) -> Run:
-        """A new, empty run folder with status ``running``."""
+        """A new, empty run folder with status ``running``, readable by the server's account only."""
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = self.root / f"{stamp}-{uuid.uuid4().hex[:6]}"
-        folder.mkdir(parents=True)
+        self.root.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+        folder.mkdir(mode=PRIVATE_FOLDER)
         info = {"name": name, "status": "running", "params": params, "created": _now(), "summary": {}}
         _write_json(folder / RUN_FILE, info)
         return Run(folder, info)
@@ -151,7 +155,7 @@ class RunStore:
         return Run(run.folder, info)
 
     def get(self, run_id: str) -> Run:
-        if not _ID.match(run_id or ""):
+        if not _ID.fullmatch(run_id or ""):
             raise InputError(f"{run_id!r} is not a run id.")
         folder = self.root / run_id
         if not (folder / RUN_FILE).is_file():
@@ -164,7 +168,7 @@ class RunStore:
             return []
         runs = []
         for folder in sorted(self.root.iterdir(), reverse=True):
-            if _ID.match(folder.name) and (folder / RUN_FILE).is_file():
+            if _ID.fullmatch(folder.name) and (folder / RUN_FILE).is_file():
                 try:
                     runs.append(Run(folder, json.loads((folder / RUN_FILE).read_text())))
                 except (OSError, json.JSONDecodeError):

@@ -32,10 +32,17 @@ st.dataframe(table.head(200), hide_index=True)
 with st.expander("Provenance written into every table"):
     st.json(meta)
 
+MODEL_CONTENTS = (
+    "The trained model holds the expression of the reference cells it calibrates its call on (as well as "
+    "its weights and gene list): share it only with people who may see the reference data."
+)
 left, middle, right, last = st.columns(4, gap="small")
 left.download_button("Cell table (CSV)", table_bytes(table, "csv", meta), "acsleuth_cells.csv", "text/csv")
 middle.download_button("Cell table (Parquet)", table_bytes(table, "parquet", meta), "acsleuth_cells.parquet")
 right.download_button("Annotated AnnData (.h5ad)", (run.folder / RESULT_FILE).read_bytes(), "acsleuth_result.h5ad")
 with tempfile.TemporaryDirectory() as folder:
     archive = shutil.make_archive(str(Path(folder) / "model"), "zip", run.folder / MODEL_DIR)
-    last.download_button("Trained model (.zip)", Path(archive).read_bytes(), "acsleuth_model.zip")
+    last.download_button(
+        "Trained model (.zip)", Path(archive).read_bytes(), "acsleuth_model.zip", help=MODEL_CONTENTS,
+    )
+st.caption(MODEL_CONTENTS)

@@ -120,6 +120,7 @@ def test_export_page_offers_every_download_after_a_run():
     assert {"cell", keys.SCORE, keys.ANOMALY, keys.BATCH} <= set(table.columns)
     labels = [el.proto.label for el in export.get("download_button")]
     assert labels == ["Cell table (CSV)", "Cell table (Parquet)", "Annotated AnnData (.h5ad)", "Trained model (.zip)"]
+    assert any("expression of the reference cells" in caption.value for caption in export.caption)
 
 
 def _correct(run_id: str, *, label_key: str = "none") -> AppTest:
