@@ -91,6 +91,8 @@ class Job:
             self._update(state=FAILED, message=f"Unexpected error: {detail}", finished=time.time())
         else:
             self._update(state=DONE, message="finished", finished=time.time())
+        finally:
+            self._work = None  # the work holds the job's inputs (uploaded data): free them once it has ended
 
 
 class JobRegistry:

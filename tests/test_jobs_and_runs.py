@@ -56,6 +56,31 @@ def test_failed_job_reports_a_message_instead_of_raising():
     assert not status.active
 
 
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_a_job_that_has_ended_lets_go_of_its_inputs(outcome):
+    import gc
+    import weakref
+
+    class Uploaded:  # stands for the uploaded data a job's work closes over
+        pass
+
+    inputs = Uploaded()
+    held = weakref.ref(inputs)
+
+    def work(progress, cancel, data=inputs):
+        if outcome == "failed":
+            raise InputError("bad input")
+        return "result"
+
+    registry = jobs.JobRegistry()
+    job = registry.start(work)
+    del inputs, work
+    job.wait(timeout=10)
+    gc.collect()
+    assert registry.get(job.id) is job, "the job itself stays findable"
+    assert held() is None
+
+
 def test_runs_are_listed_newest_first_and_reloaded(tmp_path):
     store = RunStore(tmp_path)
     first = store.create("first", {"seed": 0})
