@@ -55,6 +55,10 @@ class ModelError(ACsleuthError):
     """A saved model is missing, incomplete or does not fit the data."""
 
 
+class JobBusyError(ACsleuthError):
+    """The same work is already running (one job per run and stage)."""
+
+
 class Cancelled(ACsleuthError):
     """Work was cancelled by the user."""
 

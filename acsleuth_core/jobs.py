@@ -14,9 +14,9 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
-from .errors import ACsleuthError, Cancelled
+from .errors import ACsleuthError, Cancelled, JobBusyError
 from .progress import CancelToken, ProgressEvent
 
 _log = logging.getLogger(__name__)
@@ -100,13 +100,33 @@ class JobRegistry:
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
+        self._by_key: dict[Hashable, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, work: Work, *, name: str = "job") -> Job:
+    def start(self, work: Work, *, name: str = "job", key: Optional[Hashable] = None) -> Job:
+        """Start ``work`` as a job. With ``key`` (say, a run and a stage), at most one job per key is active
+        at a time: a second start while one runs raises :class:`JobBusyError`, whichever session asks."""
         job = Job(work, name=name)
         with self._lock:
+            if key is not None:
+                self._refuse_if_busy(key)
+                self._by_key[key] = job
             self._jobs[job.id] = job
         return job.start()
+
+    def refuse_if_busy(self, key: Hashable) -> None:
+        """Raise :class:`JobBusyError` when a job started with ``key`` is still active (check before
+        recording that new work is about to start)."""
+        with self._lock:
+            self._refuse_if_busy(key)
+
+    def _refuse_if_busy(self, key: Hashable) -> None:
+        running = self._by_key.get(key)
+        if running is not None and running.status().active:
+            raise JobBusyError(
+                f"'{running.name}' is already running (started in this or another browser tab): wait for it "
+                "to finish, or cancel it, before starting it again."
+            )
 
     def get(self, job_id: Optional[str]) -> Optional[Job]:
         with self._lock:

@@ -257,6 +257,7 @@ def start_correction_run(
     metrics), ``failed`` (with the message) or ``cancelled``.
     """
     _require_inputs(run)
+    registry.refuse_if_busy((run.id, "correction"))
     run = store.update(run, correction={"status": "running", "params": config.to_json(), "label_key": label_key})
 
     def work(progress, cancel):
@@ -266,7 +267,9 @@ def start_correction_run(
         layout = correction_layout(adata, result, inputs.reference.obs_names, seed=config.kin.seed)
         return store.save_correction(run, adata, layout, result.metrics)
 
-    return registry.start(_tracked(store, run, "correction", work), name=f"{run.info.get('name', run.id)} · correction")
+    return registry.start(
+        _tracked(store, run, "correction", work), name=f"{run.info.get('name', run.id)} · correction", key=(run.id, "correction"),
+    )
 
 
 def start_subtype_run(
@@ -284,6 +287,7 @@ def start_subtype_run(
     cheap. ``run.json`` records the stage's status as for the correction.
     """
     _require_inputs(run)
+    registry.refuse_if_busy((run.id, "subtypes"))
     params = config.to_json() | {
         "n_subtypes": str(config.n_subtypes),
         "use_correction": use_correction,
@@ -303,7 +307,9 @@ def start_subtype_run(
         summary = {"params": params, "k_chosen": saved["k_chosen"], "k_reason": saved["k_reason"], "sizes": saved["sizes"]}
         return store.save_subtypes(run, adata, layout, summary)
 
-    return registry.start(_tracked(store, run, "subtypes", work), name=f"{run.info.get('name', run.id)} · subtypes")
+    return registry.start(
+        _tracked(store, run, "subtypes", work), name=f"{run.info.get('name', run.id)} · subtypes", key=(run.id, "subtypes"),
+    )
 
 
 def _require_inputs(run: Run) -> None:

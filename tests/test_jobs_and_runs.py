@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from acsleuth_core import jobs, keys
+from acsleuth_core import errors, jobs, keys
 from acsleuth_core.errors import InputError
 from acsleuth_core.progress import ProgressEvent
 from acsleuth_core.runs import RUN_FILE, RunStore, copy_stage_keys
@@ -79,6 +79,28 @@ def test_a_job_that_has_ended_lets_go_of_its_inputs(outcome):
     gc.collect()
     assert registry.get(job.id) is job, "the job itself stays findable"
     assert held() is None
+
+
+def test_one_job_per_key_at_a_time_whichever_session_asks():
+    import threading
+
+    release = threading.Event()
+
+    def waiting(progress, cancel):
+        release.wait(10)
+        return "done"
+
+    registry = jobs.JobRegistry()
+    first = registry.start(waiting, name="demo · correction", key=("run-1", "correction"))
+    with pytest.raises(errors.JobBusyError, match="demo · correction"):
+        registry.start(waiting, key=("run-1", "correction"))
+    with pytest.raises(errors.JobBusyError):
+        registry.refuse_if_busy(("run-1", "correction"))
+    other_stage = registry.start(waiting, key=("run-1", "subtypes"))
+    release.set()
+    assert first.wait(10).state == other_stage.wait(10).state == jobs.DONE
+    again = registry.start(_counting_work(1), key=("run-1", "correction"))
+    assert again.wait(10).state == jobs.DONE, "a key is free again once its job has ended"
 
 
 def test_runs_are_listed_newest_first_and_reloaded(tmp_path):
