@@ -17,10 +17,17 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the in-process lock alone
+    fcntl = None
 
 import anndata as ad
 import pandas as pd
@@ -40,6 +47,8 @@ from .subtyping import annotate_subtypes, subtype_anomalies, subtype_layout
 
 RUNS_DIR_ENV = "ACSLEUTH_RUNS_DIR"
 RUN_FILE = "run.json"
+#: taken (flock) around every read-modify-write of a run's files, by the app's jobs and the CLI alike
+LOCK_FILE = ".lock"
 MODEL_DIR = "model"
 RESULT_FILE = "result.h5ad"
 INPUTS_DIR = "inputs"
@@ -140,18 +149,22 @@ class RunStore:
         then derived again (subtyping may call cells normal)."""
         with atomic_path(run.folder / layout_file) as tmp:
             layout.to_parquet(tmp, index=False)
-        current = run.load_result()
-        copy_stage_keys(adata, current, stage)
-        refresh_calls(current)
-        write_h5ad(current, run.folder / RESULT_FILE)
+        with run_lock(run.folder):
+            current = run.load_result()
+            copy_stage_keys(adata, current, stage)
+            refresh_calls(current)
+            write_h5ad(current, run.folder / RESULT_FILE)
 
     def save_result(self, run: Run, adata: ad.AnnData) -> None:
         """Overwrite a finished run's result (e.g. after a new threshold), atomically."""
         write_h5ad(adata, run.folder / RESULT_FILE)
 
     def update(self, run: Run, **fields) -> Run:
-        info = {**run.info, **fields}
-        _write_json(run.folder / RUN_FILE, info)
+        """Set ``fields`` in the run's ``run.json`` as it is on disk now (under the run's lock), so what
+        another job recorded since ``run`` was read is kept."""
+        with run_lock(run.folder):
+            info = {**_read_info(run.folder, fallback=run.info), **fields}
+            _write_json(run.folder / RUN_FILE, info)
         return Run(run.folder, info)
 
     def get(self, run_id: str) -> Run:
@@ -196,6 +209,33 @@ def _replace_folder(folder: Path, write) -> None:
     write(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+_PROCESS_LOCK = threading.Lock()
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold the run's lock: one lock for the threads of this process, ``flock`` on the run's lock
+    file for other processes (where the system has it)."""
+    with _PROCESS_LOCK:
+        if fcntl is None:
+            yield
+            return
+        handle = os.open(folder / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # closing releases the flock
+
+
+def _read_info(folder: Path, *, fallback: dict) -> dict:
+    """``run.json`` as it is on disk, or ``fallback`` when it cannot be read."""
+    try:
+        return json.loads((folder / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return dict(fallback)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -11,7 +11,7 @@ import pytest
 from acsleuth_core import errors, jobs, keys
 from acsleuth_core.errors import InputError
 from acsleuth_core.progress import ProgressEvent
-from acsleuth_core.runs import RUN_FILE, RunStore, copy_stage_keys
+from acsleuth_core.runs import LOCK_FILE, RUN_FILE, RunStore, copy_stage_keys
 
 
 def _counting_work(n_steps, pause=0.0):
@@ -103,6 +103,30 @@ def test_one_job_per_key_at_a_time_whichever_session_asks():
     assert again.wait(10).state == jobs.DONE, "a key is free again once its job has ended"
 
 
+def test_updates_from_stale_copies_of_a_run_are_merged_not_lost(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create("demo", {})
+    seen_by_correction, seen_by_subtypes = store.get(run.id), store.get(run.id)
+    store.update(seen_by_subtypes, subtypes={"status": "done"})
+    store.update(seen_by_correction, correction={"status": "done"})  # read before the subtypes finished
+    info = store.get(run.id).info
+    assert info["subtypes"] == {"status": "done"} and info["correction"] == {"status": "done"}
+
+
+def test_concurrent_updates_of_one_run_are_all_kept(tmp_path):
+    import threading
+
+    store = RunStore(tmp_path)
+    run = store.create("demo", {})
+    threads = [threading.Thread(target=store.update, args=(run,), kwargs={f"field_{i}": i}) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    info = store.get(run.id).info
+    assert all(info[f"field_{i}"] == i for i in range(16))
+
+
 def test_runs_are_listed_newest_first_and_reloaded(tmp_path):
     store = RunStore(tmp_path)
     first = store.create("first", {"seed": 0})
@@ -128,7 +152,7 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     run = store.create("run", {})
     for _ in range(3):
         store.update(run, summary={"n": int(np.int64(3))})
-    assert sorted(p.name for p in run.folder.iterdir()) == [RUN_FILE]
+    assert sorted(p.name for p in run.folder.iterdir()) == sorted([LOCK_FILE, RUN_FILE]), "only the lasting lock file beside it"
 
 
 def _result(threshold: float) -> ad.AnnData:
