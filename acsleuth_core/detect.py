@@ -45,7 +45,7 @@ from .mmd import PredictorConfig, fit_predictor, predict_logits
 from .nn.adversarial import GanTraining, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, ReconstructionTask, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import dense_batch_rows, resolve_device, seed_everything, warn_if_thread_dependent
+from .runtime import dense_batch_rows, holds_global_random_state, resolve_device, seed_everything, warn_if_thread_dependent
 from .similarity import ReferenceSimilarity
 from .views import VIEWS, ViewScores, combine, tail_excess_weights
 
@@ -196,6 +196,7 @@ class AnomalyDetector:
         self._reference, self._folds = X, folds
         return self
 
+    @holds_global_random_state
     def _train_fold_model(
         self, X: sp.csr_matrix, *, seed: int, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]
     ) -> tuple[_FoldModel, dict[str, list[float]]]:
@@ -270,6 +271,7 @@ class AnomalyDetector:
             views=views,
         )
 
+    @holds_global_random_state
     def _predictor_view(
         self,
         X: sp.csr_matrix,
@@ -408,6 +410,7 @@ class AnomalyDetector:
             ) from err
 
     @classmethod
+    @holds_global_random_state
     def _read_saved(cls, folder: Path) -> "AnomalyDetector":
         meta = json.loads((folder / CONFIG_FILE).read_text())
         detector = cls(DetectorConfig.from_json(meta["config"]))

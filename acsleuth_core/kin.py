@@ -37,7 +37,7 @@ from .neighbours import nearest
 from .nn.adversarial import GanTraining, GeneratorOutput, shuffled_rows, train_adversarial
 from .nn.reconstruction import critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import resolve_device, seed_everything
+from .runtime import holds_global_random_state, resolve_device, seed_everything
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class KinTask:
         pass
 
 
+@holds_global_random_state
 def find_kin_pairs(
     target_latent: np.ndarray,
     reference_latent: np.ndarray,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 import warnings
 
 import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+#: held while work draws from the process-wide random generators (see :func:`holds_global_random_state`)
+_GLOBAL_RANDOM_STATE = threading.RLock()
 #: values per dense array when a sparse matrix is densified batch by batch: 8 M float32 = 32 MiB
 DENSE_BATCH_VALUES = 2**23
 
@@ -25,9 +28,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def holds_global_random_state(function):
+    """Decorate a function that seeds or draws from the process-wide random generators (torch's default
+    generator, NumPy's and Python's): it runs while holding one process-wide lock.
+
+    Weight initialisation, dropout and the gradient penalty draw from torch's default generator, which
+    every thread shares: two background jobs training at once would each reseed it and draw from the
+    other's sequence, so the same seed would no longer give the same model. With the lock, their seeded
+    sections take turns and each gives what it gives alone; work outside them (preparing data, scoring,
+    layouts) still runs side by side.
+    """
+
+    @functools.wraps(function)
+    def holding(*args, **kwargs):
+        with _GLOBAL_RANDOM_STATE:
+            return function(*args, **kwargs)
+
+    return holding
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch and ask torch for deterministic kernels; return a torch generator
-    for sampling mini-batches.
+    for sampling mini-batches. Call it only inside a function decorated with
+    :func:`holds_global_random_state`.
 
     Without deterministic kernels, two CPU threads summing the sparse kin-mapping gradients in varying
     order gave differences of 1e-7 that a long GAN training grew into another correction (demo batch

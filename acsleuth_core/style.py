@@ -28,7 +28,7 @@ from torch import nn
 from .nn.adversarial import GanTraining, GeneratorOutput, shuffled_rows, train_adversarial
 from .nn.reconstruction import ReconstructionGenerator, critic_network
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .runtime import dense_batch_rows, resolve_device, seed_everything
+from .runtime import dense_batch_rows, holds_global_random_state, resolve_device, seed_everything
 
 #: batch code of reference cells: no style is removed from them
 REFERENCE_CODE = -1
@@ -137,6 +137,7 @@ class StyleTransfer:
         self.generator: Optional[StyleTransferGenerator] = None
         self.history: dict[str, list[float]] = {}
 
+    @holds_global_random_state
     def fit(
         self,
         module_one: ReconstructionGenerator,

@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import EmptyDataError, InputError
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel
-from .runtime import seed_everything
+from .runtime import holds_global_random_state, seed_everything
 
 
 #: cells the silhouette of a candidate partition is measured on (all of them below this)
@@ -173,6 +173,7 @@ def sharpened_target(q: torch.Tensor, balance: float = 1.0) -> torch.Tensor:
     return weight / weight.sum(dim=1, keepdim=True)
 
 
+@holds_global_random_state
 def find_subtypes(
     tokens: np.ndarray,
     residual_tokens: Optional[np.ndarray],
