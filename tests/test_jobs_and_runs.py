@@ -11,7 +11,8 @@ import pytest
 from acsleuth_core import errors, jobs, keys
 from acsleuth_core.errors import InputError
 from acsleuth_core.progress import ProgressEvent
-from acsleuth_core.runs import LOCK_FILE, RUN_FILE, RunStore, copy_stage_keys
+from acsleuth_core.run_record import LOCK_FILE
+from acsleuth_core.runs import RUN_FILE, RunStore, copy_stage_keys
 
 
 def _counting_work(n_steps, pause=0.0):
