@@ -8,7 +8,7 @@ from acsleuth_core.detect import DetectorConfig
 from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.pipeline import call_anomalies
 from acsleuth_core.plots import HISTOGRAM_SCALES, loss_curves, score_histogram
-from acsleuth_core.runs import start_detection_run
+from acsleuth_core.runs import start_detection_run, train_again
 from acsleuth_core.runtime import resolve_device
 from acsleuth_core.threshold import explain as explain_threshold
 from acsleuth_core.threshold import shift_warning
@@ -74,6 +74,19 @@ follow_job(
 )
 
 run = current_run()
+if run is not None and run.info.get("status") == "interrupted" and not busy:
+    st.warning(f"Training of run {run.info.get('name', run.id)} was interrupted: {run.info.get('message', '')}", icon="⚠️")
+    if data is None:
+        st.info("To train it again, load the same data on the Data page first.")
+    elif st.button("Train again with the same settings", type="primary"):
+        try:
+            run, job = train_again(run_store(), job_registry(), run, data.reference, data.targets)
+        except ACsleuthError as error:
+            show_error(error)
+        else:
+            st.session_state["job_id"] = job.id
+            open_run(run.id)
+            st.rerun()
 if run is None or not run.has_result:
     st.stop()
 

@@ -27,9 +27,14 @@ def isolated_runs(tmp_path, monkeypatch):
     st.cache_resource.clear()
 
 
+#: every session of these tests is one browser: the same owner token, as its cookie would give
+OWNER = "test-browser-owner-token-0123456789abcdef"
+
+
 def page(name: str) -> AppTest:
-    """An app test that opens ``name`` (a path relative to the repository) through the entry page."""
+    """An app test that opens ``name`` (a path relative to the repository) through the entry page, in the same browser."""
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.session_state["owner"] = OWNER
     if name != "app.py":
         at.switch_page(name)
     return at

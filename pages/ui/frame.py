@@ -19,6 +19,7 @@ from acsleuth_core.errors import ACsleuthError
 from acsleuth_core.jobs import Job, JobRegistry
 from acsleuth_core.model_inputs import ModelInputs
 from acsleuth_core.runs import RESULT_FILE, Run, RunStore
+from pages.ui.owner import browser_owner
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STEPS = [
@@ -55,9 +56,17 @@ class LoadedData:
 
 
 @st.cache_resource
+def _server_run_store() -> RunStore:
+    """One store of every run per server process. Made when the server shows its first page, it marks the
+    runs an earlier server left queued or running as interrupted."""
+    store = RunStore()
+    store.mark_interrupted({run_id for run_id, _stage in job_registry().active_keys()})
+    return store
+
+
 def run_store() -> RunStore:
-    """One run store per server process (runs live on disk, shared by sessions)."""
-    return RunStore()
+    """The runs this browser lists, opens and changes: its own (every run with ``ACSLEUTH_SHARED_RUNS=1``)."""
+    return _server_run_store().for_owner(browser_owner())
 
 
 @st.cache_resource

@@ -13,7 +13,7 @@ from typing import Optional
 
 import streamlit as st
 
-from acsleuth_core.jobs import CANCELLED, FAILED, Job
+from acsleuth_core.jobs import CANCELLED, FAILED, QUEUED, Job
 from pages.ui.frame import describe_progress
 
 
@@ -45,7 +45,9 @@ def _poll(job: Job, cancel_label: str, finishing: dict[str, str]) -> None:
     if not status.active:
         st.rerun(scope="app")
     event = status.progress
-    if event is None:
+    if status.state == QUEUED:
+        st.progress(0.0, text=f"Waiting for other trainings on this server to finish: place {status.queue_place} in the queue")
+    elif event is None:
         st.progress(0.0, text="Starting…")
     elif event.epoch >= event.n_epochs and event.stage in finishing:
         st.progress(1.0, text=finishing[event.stage])

@@ -40,7 +40,7 @@ def stage_outcome(run: Run, stage: str, job: Optional[Job], noun: str) -> None:
     if job is not None:
         return
     status = stage_status(run, stage)
-    if status in ("failed", "cancelled"):
+    if status in ("failed", "cancelled", "interrupted"):
         st.warning(f"The last {noun} {status}: {run.info[stage].get('message', '')}", icon="⚠️")
     elif status == "running":
         st.info(
