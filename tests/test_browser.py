@@ -205,9 +205,10 @@ def test_demo_trains_shows_scores_corrects_finds_subtypes_exports_and_survives_a
     assert any("ACsleuth Studio" in line for line in provenance)
     assert rows[0].split(",")[:3] == ["cell", "acsleuth_batch", "acsleuth_score"]
     assert len(rows) - 1 == DEMO_TARGET_CELLS
+    cookies = context.storage_state()  # the same browser later: its owner cookie opens its runs
     context.close()
 
-    refreshed = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    refreshed = browser.new_context(viewport={"width": 1400, "height": 1000}, storage_state=cookies).new_page()
     refreshed.goto(run_url)
     refreshed.get_by_text("Anomaly scores").wait_for(timeout=60_000)
     refreshed.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
